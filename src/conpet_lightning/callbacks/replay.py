@@ -1,0 +1,88 @@
+"""Dynamic replay (ConPET's data pipeline) as a callback: it installs the task's batch plan on the datamodule."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from conpet_lightning.callbacks.base import TaskCallback
+from conpet_lightning.policies.sampling import DynamicReplayPolicy, replay_composition
+from conpet_lightning.registry import CALLBACKS
+
+if TYPE_CHECKING:
+    from conpet_lightning.loop import TaskLoop
+
+
+@dataclass
+class DynamicReplayOptions:
+    """YAML options of ``dynamic_replay`` (METHOD.md §3.1)."""
+
+    name: str = "dynamic_replay"
+    policy: int = 2
+    """0 = no budget (every epoch passes over the full history: Limitless, joint), 1 = (k+1) x limit, 2 = fixed."""
+    batch_limit: int = 50
+    """Batches per epoch (train + valid) under policy 1/2."""
+    train_fraction: float = 0.8
+    new_old_ratio: float = 1.0
+    resample_every_epoch: bool = True
+    """False = ConPET's cache mode (EMR*, EA-EMR*): one sequence of all epochs drawn per task and replayed."""
+    valid_batch_size: int | None = None
+    """Validation batch size of the mixed plan (default: data.eval_batch_size)."""
+
+
+@CALLBACKS.register("dynamic_replay")
+class DynamicReplayCallback(TaskCallback):
+    """Per task, a fixed budget of batches that mix new samples with task-balanced samples of the full history.
+
+    Task 1 always trains on its full data. The plan is a pure function of (seed, task, epoch), so every DDP rank
+    derives the same global batches and takes its shard.
+    """
+
+    options_cls = DynamicReplayOptions
+
+    def __init__(self, options: DynamicReplayOptions | None = None) -> None:
+        self.options = options or DynamicReplayOptions()
+        self.records: dict[int, dict[str, Any]] = {}
+
+    def pools(self, loop: TaskLoop, part: str, task: int) -> list[np.ndarray]:
+        """The stored pool: every seen task's records of ``part`` (the full history, not a memory)."""
+        return [loop.datamodule.indices(part, t) for t in range(task + 1)]
+
+    def on_task_start(self, loop: TaskLoop, task: int) -> None:
+        """Install the task's training plan and fixed validation plan."""
+        o, dm = self.options, loop.datamodule
+        policy = DynamicReplayPolicy(
+            policy=o.policy,
+            batch_limit=o.batch_limit,
+            train_fraction=o.train_fraction,
+            new_old_ratio=o.new_old_ratio,
+            resample_every_epoch=o.resample_every_epoch,
+            seed=loop.cfg.seed,
+        )
+        train_pools, valid_pools = self.pools(loop, "train", task), self.pools(loop, "valid", task)
+        batch_size = dm.batch_size
+        dm.set_train_plan(
+            lambda epoch: policy.train_plan(task, train_pools, batch_size, epoch),
+            f"dynamic replay (policy {o.policy}, limit {o.batch_limit}, ratio {o.new_old_ratio})",
+        )
+        if task > 0:
+            dm.set_valid_plan(policy.valid_plan(task, valid_pools, o.valid_batch_size or dm.eval_batch_size))
+        first = policy.train_plan(task, train_pools, batch_size, 0)
+        comp = replay_composition(first, train_pools)
+        self.records[task] = {
+            "replay": {
+                "policy": o.policy,
+                "train_batches_per_epoch": len(first),
+                "samples_per_epoch": comp["samples"],
+                "new_per_epoch": comp["new"],
+                "old_per_epoch": comp["old"],
+                "old_per_task": {str(k): v for k, v in comp["old_per_task"].items()},
+                "valid_samples": int(sum(len(b) for b in dm.valid_plan())),
+            }
+        }
+
+    def task_record(self, task: int) -> dict[str, Any]:
+        """Replay composition of the task (first epoch) for metrics.json."""
+        return self.records.get(task, {})

@@ -1,0 +1,1 @@
+"""Reading benchmarks into one shape, encoding them, and serving them task by task."""

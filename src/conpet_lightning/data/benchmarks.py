@@ -1,0 +1,70 @@
+"""Benchmark registry: one name per benchmark, so configs say ``data.benchmark: fewrel`` instead of an import path."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from conpet_lightning.data.readers.conpet_json import TASK_TYPES, load_conpet_json
+from conpet_lightning.data.readers.fewnerd import load_fewnerd
+from conpet_lightning.data.readers.fewrel import load_fewrel
+from conpet_lightning.data.readers.textcls import load_banking77, load_clinc150
+from conpet_lightning.data.records import Benchmark, DataError
+
+#: Benchmark name -> loader. Shipped ones take ``root`` and ``seed``; ``conpet_json`` takes ``root``,
+#: ``local_path`` and ``dataset``.
+BENCHMARKS: dict[str, Callable[..., Benchmark]] = {
+    "fewrel": load_fewrel,
+    "fewnerd": load_fewnerd,
+    "clinc150": load_clinc150,
+    "banking77": load_banking77,
+    "conpet_json": load_conpet_json,
+}
+
+#: The repository's shipped data folder (``<repo>/data``), used when a relative root is not found from the cwd.
+REPO_DATA = Path(__file__).resolve().parents[3] / "data"
+
+
+def resolve_root(root: str | Path) -> Path:
+    """The data folder to read: `root` as given if it exists, else a relative `root` under the repository root.
+
+    This lets the default ``"data"`` work from any working directory of a source checkout.
+    """
+    path = Path(root)
+    if path.is_dir() or path.is_absolute():
+        return path
+    fallback = REPO_DATA.parent / path
+    return fallback if fallback.is_dir() else path
+
+
+def load_benchmark(
+    name: str,
+    *,
+    root: str | Path = "data",
+    seed: int = 100,
+    local_path: str | Path | None = None,
+    conpet_dataset: str | None = None,
+) -> Benchmark:
+    """Load a registered benchmark by name.
+
+    Args:
+        name: one of `BENCHMARKS`.
+        root: the shipped data folder.
+        seed: split/permutation seed of the shipped benchmarks (ignored by ``conpet_json``, whose split is stored).
+        local_path: ``conpet_json`` only: folder with the user's ConPET key-JSON files.
+        conpet_dataset: ``conpet_json`` only: which ConPET dataset the files hold (fewrel, fewnerd, tacred, ace,
+            ontonotes, bbn), selecting its label map, split and task type.
+
+    Raises:
+        DataError: for an unknown name (listing the valid ones), missing ``conpet_json`` arguments, or bad data.
+    """
+    if name not in BENCHMARKS:
+        raise DataError(f"unknown benchmark {name!r}; valid names: {', '.join(sorted(BENCHMARKS))}")
+    root = resolve_root(root)
+    if name != "conpet_json":
+        return BENCHMARKS[name](root=root, seed=seed)
+    if local_path is None:
+        raise DataError("benchmark 'conpet_json' needs local_path: the folder with ConPET's *_key.json files")
+    if conpet_dataset is None:
+        raise DataError(f"benchmark 'conpet_json' needs conpet_dataset, one of {', '.join(sorted(TASK_TYPES))}")
+    return BENCHMARKS[name](root=root, local_path=local_path, dataset=conpet_dataset)

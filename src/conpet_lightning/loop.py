@@ -1,0 +1,223 @@
+"""The task-loop orchestrator: for each task, for each stage the method declares, a fresh Trainer fits and the
+best epoch (by the stage's validation metric) is restored; then all seen tasks are tested.
+
+Run state (config, metrics, the accuracy matrix) is written after every task, so nothing finished is lost.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from conpet_lightning.callbacks.base import TaskCallback
+from conpet_lightning.callbacks.continual_metrics import ContinualMetricsCallback
+from conpet_lightning.callbacks.progress import TaskProgressBar
+from conpet_lightning.config import RunConfig, to_yaml
+from conpet_lightning.data.benchmarks import load_benchmark
+from conpet_lightning.data.datamodule import ContinualDataModule
+from conpet_lightning.data.records import Benchmark
+from conpet_lightning.methods.base import ContinualMethod, StageSpec
+from conpet_lightning.metrics import summarize
+from conpet_lightning.models.backbone import load_backbone
+from conpet_lightning.registry import CALLBACKS, METHODS
+
+
+def build_benchmark(cfg: RunConfig) -> Benchmark:
+    """Load, cap and (optionally) shorten the benchmark named in the config."""
+    d = cfg.data
+    root = Path(d.root)
+    if not root.is_absolute() and not root.exists():
+        root = Path(__file__).resolve().parents[2] / root
+    bench = load_benchmark(
+        d.benchmark, root=root, seed=d.split_seed, local_path=d.local_path, conpet_dataset=d.conpet_dataset
+    )
+    bench = bench.capped(train=d.max_train_per_class, valid=d.max_valid_per_class, test=d.max_test_per_class, seed=0)
+    if d.num_tasks is not None:
+        keep = d.num_tasks
+        bench = Benchmark(
+            name=bench.name,
+            task_type=bench.task_type,
+            label_names=bench.label_names,
+            tasks=bench.tasks[:keep],
+            parts={part: tasks[:keep] for part, tasks in bench.parts.items()},
+        )
+    return bench
+
+
+def build_callbacks(cfg: RunConfig) -> list[TaskCallback]:
+    """Instantiate the callback entries of the config, in the order written."""
+    out = []
+    for slot, entry in cfg.callbacks.items():
+        if entry is None:
+            continue
+        cls = CALLBACKS.get(entry["name"])
+        out.append(cls.from_options(dict(entry), slot))
+    return out
+
+
+class TaskLoop:
+    """Drives one run: data, method, callbacks, a fresh Trainer per stage, and the run folder."""
+
+    def __init__(self, cfg: RunConfig, run_dir: Path) -> None:
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
+        if cfg.train.num_threads and cfg.train.accelerator == "cpu":
+            torch.set_num_threads(cfg.train.num_threads)
+        L.seed_everything(cfg.seed, workers=True, verbose=False)
+        self.benchmark = build_benchmark(cfg)
+        self.backbone = load_backbone(cfg.model.backbone, path=cfg.model.path, dtype=cfg.model.dtype)
+        self.datamodule = ContinualDataModule(
+            self.benchmark,
+            self.backbone.tokenizer,
+            self.backbone.markers,
+            max_seq_len=cfg.data.max_seq_len,
+            batch_size=cfg.train.batch_size,
+            eval_batch_size=cfg.data.eval_batch_size,
+            seed=cfg.seed,
+            template_filter=cfg.data.template_filter,
+            num_workers=cfg.data.num_workers,
+        )
+        method_cls = METHODS.get(cfg.method["name"])
+        self.method: ContinualMethod = method_cls(cfg, self.benchmark, self.backbone)
+        self.callbacks = build_callbacks(cfg)
+        self.metrics = ContinualMetricsCallback(self.benchmark.num_tasks)
+        self.per_task: list[dict[str, Any]] = []
+        self.extra_loggers: list[Any] = []
+
+    # ----------------------------------------------------------------------------------------------- trainers
+    def make_trainer(self, task: int, stage: StageSpec | None, extra: list[L.Callback] | None = None) -> L.Trainer:
+        """A fresh Trainer; the persistent callbacks are the same objects every time."""
+        t = self.cfg.train
+        name = stage.name if stage else "test"
+        bar: list[L.Callback] = (
+            [TaskProgressBar(task, self.benchmark.num_tasks, name)] if self.cfg.logging.progress_bar else []
+        )
+        return L.Trainer(
+            max_epochs=stage.epochs if stage else 1,
+            accelerator=t.accelerator,
+            devices=t.devices,
+            strategy=t.strategy,
+            precision=t.precision,  # type: ignore[arg-type]
+            gradient_clip_val=stage.grad_clip if stage else None,
+            callbacks=[*self.callbacks, self.metrics, *bar, *(extra or [])],
+            logger=self.extra_loggers or False,
+            enable_progress_bar=self.cfg.logging.progress_bar,
+            enable_model_summary=False,
+            num_sanity_val_steps=0,
+            use_distributed_sampler=False,  # the datamodule shards one global plan itself
+            deterministic=t.deterministic,
+            default_root_dir=str(self.run_dir),
+            log_every_n_steps=10,
+        )
+
+    def fit_stage(self, task: int, stage: StageSpec) -> dict[str, Any]:
+        """Fit one stage and restore its best epoch (by ``stage.monitor``)."""
+        L.seed_everything(self.cfg.seed + 1000 * task + len(stage.name), workers=True, verbose=False)
+        ckpt = ModelCheckpoint(
+            dirpath=self.run_dir / "checkpoints" / f"task{task + 1}" / stage.name,
+            filename="best",
+            monitor=stage.monitor,
+            mode="max",
+            save_top_k=1,
+            save_weights_only=True,
+            enable_version_counter=False,
+        )
+        trainer = self.make_trainer(task, stage, [ckpt])
+        start = time.perf_counter()
+        trainer.fit(self.method, datamodule=self.datamodule)
+        seconds = time.perf_counter() - start
+        best = ckpt.best_model_path
+        if best:
+            self.method.restore_trainable(best)
+        score = ckpt.best_model_score
+        return {
+            "seconds": round(seconds, 3),
+            "steps": int(trainer.global_step),
+            "epochs": int(trainer.current_epoch),
+            "best_score": None if score is None else round(float(score), 4),
+            "best_checkpoint": os.path.relpath(best, self.run_dir) if best else None,
+        }
+
+    def evaluate(self, task: int) -> dict[str, Any]:
+        """Test on all seen tasks; fills row ``task`` of R and returns the per-task result."""
+        self.metrics.task = task
+        trainer = self.make_trainer(task, None)
+        start = time.perf_counter()
+        trainer.test(self.method, datamodule=self.datamodule, verbose=False)
+        return {**self.metrics.last, "seconds": round(time.perf_counter() - start, 3)}
+
+    # -------------------------------------------------------------------------------------------------- the run
+    def run(self) -> dict[str, Any]:
+        """Train and test task by task; returns the final metrics dictionary (also written as metrics.json)."""
+        for cb in self.callbacks:
+            cb.on_run_start(self)
+        for task in range(self.benchmark.num_tasks):
+            self.run_task(task)
+        return self.write_metrics()
+
+    def run_task(self, task: int) -> None:
+        """All stages of one task, then its test."""
+        self.datamodule.set_task(task, self.method.train_scope)
+        self.method.setup_task(task)
+        for cb in self.callbacks:
+            cb.on_task_start(self, task)
+        record: dict[str, Any] = {"task": task, "stages": {}}
+        for stage in self.method.stages(task):
+            if stage.epochs <= 0:
+                continue
+            self.method.setup_stage(task, stage)
+            for cb in self.callbacks:
+                cb.on_stage_start(self, task, stage)
+            record["stages"][stage.name] = self.fit_stage(task, stage)
+            self.method.end_stage(task, stage)
+            for cb in self.callbacks:
+                cb.on_stage_end(self, task, stage)
+        self.method.end_task(task)
+        for cb in self.callbacks:
+            cb.on_task_end(self, task)
+        record["train_seconds"] = round(sum(s["seconds"] for s in record["stages"].values()), 3)
+        record["train_steps"] = sum(s["steps"] for s in record["stages"].values())
+        record["train_data"] = self.datamodule.train_plan_info
+        record["filtered_long_templates"] = self.datamodule.filtered.get(task, 0)
+        record["parameters"] = self.method.parameter_report()
+        record["test"] = self.evaluate(task)
+        for cb in self.callbacks:
+            record.update(cb.task_record(task))
+        if hasattr(self.method, "task_record"):
+            record.update(self.method.task_record(task))
+        self.per_task.append(record)
+        self.write_metrics()
+
+    def write_metrics(self) -> dict[str, Any]:
+        """Write metrics.json and accuracy_matrix.csv for the tasks finished so far."""
+        R = self.metrics.R
+        n_test = [int(len(self.datamodule.indices("test", t))) for t in range(self.benchmark.num_tasks)]
+        done = len(R)
+        square = [row[:done] for row in R]
+        summary = summarize(square, n_test[:done]) if done else {}
+        out = {
+            "experiment": self.cfg.experiment,
+            "run_id": self.run_dir.name,
+            "benchmark": self.benchmark.name,
+            "seed": self.cfg.seed,
+            "tasks": [{"classes": c, "n_test": n} for c, n in zip(self.benchmark.tasks, n_test, strict=True)],
+            "accuracy_matrix": square,
+            "summary": summary,
+            "per_task": self.per_task,
+        }
+        if self.cfg.train.accelerator == "cpu" or int(os.environ.get("LOCAL_RANK", "0")) == 0:
+            (self.run_dir / "metrics.json").write_text(json.dumps(out, indent=2))
+            lines = [",".join(f"task{j + 1}" for j in range(done))]
+            lines += [",".join("" if v is None else f"{v:.2f}" for v in row) for row in square]
+            (self.run_dir / "accuracy_matrix.csv").write_text("\n".join(lines) + "\n")
+        return out
+

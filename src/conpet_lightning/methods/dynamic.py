@@ -1,0 +1,282 @@
+"""Dynamic ConPET: one LoRA expert per task plus a LoRA selector that routes each sample to its top-k experts.
+
+Per task k >= 2 (0-based k >= 1) there are two stages, each a fresh Trainer: ``selector`` (task-id cross-entropy on
+the dynamic-replay batches) then ``expert`` (routing by the frozen best selector, teacher forcing in training, the
+logits of unselected experts filled with ``null_expert_logit``, log-softmax over all seen classes). Task 1 trains
+expert 1 alone. Routing itself comes from the ``topk_routing`` callback, which writes ``batch["route"]``; without
+it (``selector: false``) every sample goes through every expert.
+
+Frozen things are computed once: old experts' head outputs are cached by (expert, sample key). Samples routed only
+to frozen experts add a constant to the loss and no gradient, so with ``skip_frozen`` they never enter the trainable
+forward pass (exact).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from conpet_lightning.config import RunConfig, check_options
+from conpet_lightning.data.records import Benchmark
+from conpet_lightning.methods.base import ContinualMethod, StageSpec
+from conpet_lightning.metrics.task_accuracy import TaskAccuracy
+from conpet_lightning.models.backbone import LoadedBackbone
+from conpet_lightning.registry import METHODS
+
+
+@dataclass
+class DynamicConPETConfig:
+    """Options of Dynamic ConPET (METHOD.md §4)."""
+
+    name: str = "dynamic_conpet"
+    selector: bool = True
+    """False = no selector: every sample goes through every expert (the 'w/o selector' ablation)."""
+    selector_init: str = "from_prev_expert"
+    """from_prev_expert (LLaMA-faithful) | from_prev_selector (BERT-faithful) | fresh."""
+    expert_init: str = "from_selector"
+    """from_selector (LLaMA-faithful: expert k starts from the best selector-k LoRA) | fresh."""
+    selector_epochs: int | None = None
+    """Epochs of the selector stage (default: train.epochs)."""
+    selector_grad_clip: float = 1.0
+    null_expert_logit: float = -100.0
+    skip_frozen: bool = True
+    """Serve samples routed only to frozen experts from the cache instead of the trainable forward (exact)."""
+
+
+INIT_SELECTOR = ("from_prev_expert", "from_prev_selector", "fresh")
+INIT_EXPERT = ("from_selector", "fresh")
+
+
+@contextmanager
+def eval_mode(module: nn.Module) -> Iterator[None]:
+    """Temporarily switch a module to eval mode (frozen forwards see no dropout; peft's mixed batches need it)."""
+    was = module.training
+    module.eval()
+    try:
+        yield
+    finally:
+        module.train(was)
+
+
+def expert_name(task: int) -> str:
+    """Adapter name of the expert of a 0-based task."""
+    return f"expert{task}"
+
+
+@METHODS.register("dynamic_conpet")
+class DynamicConPET(ContinualMethod):
+    """Per-task LoRA experts with per-task heads, and a LoRA task selector whose head grows by one row per task."""
+
+    def __init__(self, cfg: RunConfig, benchmark: Benchmark, backbone: LoadedBackbone) -> None:
+        super().__init__(cfg, benchmark, backbone, first_adapter=expert_name(0))
+        self.options: DynamicConPETConfig = check_options(DynamicConPETConfig, cfg.method, "method")
+        if self.options.selector_init not in INIT_SELECTOR:
+            raise ValueError(f"method.selector_init must be one of {INIT_SELECTOR}, not {self.options.selector_init!r}")
+        if self.options.expert_init not in INIT_EXPERT:
+            raise ValueError(f"method.expert_init must be one of {INIT_EXPERT}, not {self.options.expert_init!r}")
+        self.expert_heads = nn.ModuleList([nn.Linear(self.hidden_size, len(self.task_classes[0]))])
+        self.selector_head: nn.Linear | None = None
+        self.selector_val = TaskAccuracy(self.num_tasks)
+        self.expert_cache: dict[tuple[int, str], torch.Tensor] = {}
+        """(expert, sample key) -> that frozen expert's head output for the sample."""
+        self.frozen_experts: set[int] = set()
+        self.class_index = torch.tensor([0])  # replaced in setup_task
+
+    # --------------------------------------------------------------------------------------------- task lifecycle
+    def stages(self, task: int) -> list[StageSpec]:
+        """Task 1: the expert alone; later tasks: selector (if enabled) then expert."""
+        t = self.cfg.train
+        expert = StageSpec("expert", t.epochs, grad_clip=t.grad_clip)
+        if task == 0 or not self.options.selector:
+            return [expert]
+        sel_epochs = self.options.selector_epochs if self.options.selector_epochs is not None else t.epochs
+        selector = StageSpec("selector", sel_epochs, monitor="val/selector_acc", grad_clip=self.options.selector_grad_clip)
+        return [selector, expert]
+
+    def setup_task(self, task: int) -> None:
+        """Grow the selector (task >= 1) and add this task's expert adapter and head."""
+        super().setup_task(task)
+        if task > 0 and self.options.selector:
+            self._grow_selector(task)
+        if task > 0:
+            self.expert_heads.append(nn.Linear(self.hidden_size, len(self.task_classes[task])))
+        # global class id -> column of the seen-class logit matrix
+        seen = self.seen_classes
+        index = torch.full((self.num_classes,), -1, dtype=torch.long)
+        index[seen] = torch.arange(len(seen))
+        self.class_index = index
+
+    def _grow_selector(self, task: int) -> None:
+        init = self.options.selector_init
+        if "selector" not in self.encoder.adapters:
+            source = expert_name(task - 1) if init == "from_prev_expert" else None
+            self.encoder.add_adapter("selector", init_from=source)
+        elif init == "from_prev_expert":
+            self.encoder.copy_adapter(expert_name(task - 1), "selector")
+        elif init == "fresh":
+            self.encoder.reset_adapter("selector")
+        old = self.selector_head
+        head = nn.Linear(self.hidden_size, task + 1)
+        if old is not None:
+            with torch.no_grad():  # old rows are copied; the new row keeps its fresh initialisation
+                head.weight[: old.out_features].copy_(old.weight)
+                head.bias[: old.out_features].copy_(old.bias)
+        self.selector_head = head.to(self.device)
+
+    def setup_stage(self, task: int, stage: StageSpec) -> None:
+        """Make exactly this stage's adapter and head trainable."""
+        super().setup_stage(task, stage)
+        for p in self.expert_heads.parameters():
+            p.requires_grad_(False)
+        if self.selector_head is not None:
+            self.selector_head.requires_grad_(False)
+        if stage.name == "selector":
+            self.encoder.activate("selector")
+            assert self.selector_head is not None
+            self.selector_head.requires_grad_(True)
+            return
+        name = expert_name(task)
+        if name not in self.encoder.adapters:
+            from_selector = self.options.expert_init == "from_selector" and "selector" in self.encoder.adapters
+            self.encoder.add_adapter(name, init_from="selector" if from_selector else None)
+        self.encoder.activate(name)
+        self.expert_heads[task].requires_grad_(True)
+
+    def end_task(self, task: int) -> None:
+        """Freeze this task's expert forever; the selector is frozen until the next task grows it."""
+        self.encoder.freeze_adapter(expert_name(task))
+        self.expert_heads[task].requires_grad_(False)
+        if "selector" in self.encoder.adapters:
+            self.encoder.freeze_adapter("selector")
+        self.frozen_experts.add(task)
+
+    # ------------------------------------------------------------------------------------------------ selector
+    def selector_logits(self, batch: dict[str, Any], trainable: bool = False) -> torch.Tensor:
+        """Task scores [B, k+1]; frozen (no grad, eval mode) unless training the selector."""
+        assert self.selector_head is not None, "the selector exists from task 2 on"
+        if trainable:
+            return self.selector_head(self.represent(batch))
+        with torch.no_grad(), eval_mode(self.encoder):
+            hidden = self.represent(batch, adapter_names=["selector"] * len(batch["keys"]))
+            return self.selector_head(hidden)
+
+    # ------------------------------------------------------------------------------------------------- experts
+    def frozen_expert_logits(self, batch: dict[str, Any], rows: torch.Tensor, expert: int) -> torch.Tensor:
+        """Head outputs of a frozen expert for some rows of the batch, from the cache where possible."""
+        keys = [batch["keys"][i] for i in rows.tolist()]
+        missing = [i for i, k in zip(rows.tolist(), keys, strict=True) if (expert, k) not in self.expert_cache]
+        if missing:
+            sub = _take(batch, torch.tensor(missing, device=rows.device))
+            with torch.no_grad(), eval_mode(self.encoder):
+                hidden = self.represent(sub, adapter_names=[expert_name(expert)] * len(missing))
+                out = self.expert_heads[expert](hidden).float()
+            cacheable = expert in self.frozen_experts
+            for j, i in enumerate(missing):
+                if cacheable:
+                    self.expert_cache[(expert, batch["keys"][i])] = out[j].detach().cpu()
+                else:  # the current expert, still training: use once, never cache
+                    self.expert_cache.setdefault((-1, batch["keys"][i]), out[j].detach().cpu())
+        result = []
+        for k in keys:
+            value = self.expert_cache.get((expert, k))
+            result.append(value if value is not None else self.expert_cache.pop((-1, k)))
+        return torch.stack(result).to(self.device)
+
+    def assemble_logits(self, batch: dict[str, Any], route: torch.Tensor, trainable: int | None) -> torch.Tensor:
+        """[B, seen classes] logits: each routed expert fills its own columns, the rest is ``null_expert_logit``.
+
+        ``trainable`` is the expert that carries gradient (the current one in training), or None.
+        """
+        n_seen = len(self.seen_classes)
+        logits = torch.full((len(route), n_seen), self.options.null_expert_logit, device=self.device)
+        for expert in torch.unique(route).tolist():
+            rows = (route == expert).any(dim=1).nonzero(as_tuple=True)[0]
+            cols = self.class_index[self.task_classes[expert]].to(self.device)
+            if expert == trainable:
+                if self.options.skip_frozen:
+                    values = self.expert_heads[expert](self.represent(_take(batch, rows)))
+                else:  # reference path: the whole batch through the trainable expert, unrouted rows discarded
+                    values = self.expert_heads[expert](self.represent(batch))[rows]
+            elif not self.options.skip_frozen and expert not in self.frozen_experts:
+                values = self.frozen_expert_logits(batch, rows, expert)
+            else:
+                values = self.frozen_expert_logits(batch, rows, expert)
+            logits = logits.index_put((rows[:, None], cols[None, :]), values.to(logits.dtype))
+        return logits
+
+    def all_experts_route(self, batch_size: int) -> torch.Tensor:
+        """Every sample to every seen expert (no selector)."""
+        return torch.arange(self.task + 1, device=self.device).expand(batch_size, -1)
+
+    def route_of(self, batch: dict[str, Any]) -> torch.Tensor:
+        """The batch's routing [B, topk]: from the routing callback, or all experts without a selector."""
+        if "route" in batch:
+            return batch["route"]
+        if self.options.selector and self.task > 0:
+            raise RuntimeError("method.selector is on but no routing callback wrote batch['route']: add the "
+                               "'topk_routing' callback (callbacks/topk_routing.yaml) or set method.selector=false")
+        return self.all_experts_route(len(batch["keys"]))
+
+    # ---------------------------------------------------------------------------------------------- Lightning
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        """Selector: task-id CE. Expert: NLL over all seen classes of the routed, assembled logits."""
+        n = len(batch["keys"])
+        if self.stage == "selector":
+            loss = F.cross_entropy(self.selector_logits(batch, trainable=True), batch["task_ids"])
+        else:
+            logits = self.assemble_logits(batch, self.route_of(batch), trainable=self.task)
+            target = self.class_index.to(self.device)[batch["labels"]]
+            loss = F.nll_loss(F.log_softmax(logits, dim=-1), target)
+        self.log(f"train/{self.stage}_loss", loss, prog_bar=True, batch_size=n)
+        return loss
+
+    def predict_from_route(self, batch: dict[str, Any], route: torch.Tensor) -> torch.Tensor:
+        """Global class predictions from a given routing (no gradient)."""
+        with torch.no_grad():
+            logits = self.assemble_logits(batch, route, trainable=None)
+        seen = torch.tensor(self.seen_classes, device=self.device)
+        return seen[logits.argmax(dim=-1)]
+
+    def predict(self, batch: dict[str, Any]) -> torch.Tensor:
+        """Route (callback or all experts), then argmax over the seen classes."""
+        return self.predict_from_route(batch, self.route_of(batch))
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        """Selector stage: task-id accuracy; expert stage: the full pipeline's class accuracy."""
+        if self.stage == "selector":
+            pred_task = self.selector_logits(batch).argmax(-1)
+            self.selector_val.update(pred_task, batch["task_ids"], batch["task_ids"])
+        else:
+            super().validation_step(batch, batch_idx)
+
+    def on_validation_epoch_end(self) -> None:
+        """Log the stage's selection metric."""
+        if self.stage == "selector":
+            result = self.selector_val.compute()
+            self.log("val/selector_acc", float(result["macro"]), prog_bar=True)
+            self.selector_val.reset()
+        else:
+            super().on_validation_epoch_end()
+
+    def task_record(self, task: int) -> dict[str, Any]:
+        """Expert-cache size, for the cost report."""
+        return {"expert_cache_entries": len(self.expert_cache)}
+
+
+def _take(batch: dict[str, Any], rows: torch.Tensor) -> dict[str, Any]:
+    """The sub-batch of the given rows (tensors indexed, key lists filtered)."""
+    idx = rows.tolist()
+    out: dict[str, Any] = {}
+    for name, value in batch.items():
+        if torch.is_tensor(value):
+            out[name] = value[rows]
+        elif isinstance(value, list):
+            out[name] = [value[i] for i in idx]
+        else:
+            out[name] = value
+    return out

@@ -1,0 +1,177 @@
+"""The mask-position encoder: a frozen backbone with named upstream-``peft`` LoRA adapters.
+
+One adapter per role (a shared PET module, or one expert per task plus a selector) lives on one copy of the
+backbone. Switching is ``set_adapter``, never a merge into the base weights, so frozen adapters stay bit-identical.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+
+import peft
+import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
+
+from conpet_lightning.models.backbone import LoadedBackbone
+
+
+def _split_lora_name(name: str) -> tuple[str, str] | None:
+    """(adapter, name without the adapter segment) for a LoRA parameter name, else None.
+
+    peft names LoRA tensors ``...query.lora_A.<adapter>.weight``; the adapter segment is matched exactly, so
+    ``expert1`` never captures ``expert10``.
+    """
+    parts = name.split(".")
+    for i in range(len(parts) - 1):
+        if parts[i].startswith("lora_"):
+            return parts[i + 1], ".".join(parts[: i + 1] + parts[i + 2 :])
+    return None
+
+
+class MaskEncoder(torch.nn.Module):
+    """Frozen backbone + named upstream-peft LoRA adapters; returns the last hidden state at the mask position."""
+
+    def __init__(self, backbone: LoadedBackbone, lora: peft.LoraConfig, first_adapter: str = "shared") -> None:
+        """Wrap ``backbone.model`` in place with a first adapter, which becomes active and trainable.
+
+        Raises:
+            ValueError: the model already carries peft layers (wrap a ``backbone.copy()`` instead).
+        """
+        super().__init__()
+        if any(isinstance(m, BaseTunerLayer) for m in backbone.model.modules()):
+            raise ValueError(
+                f"backbone {backbone.name!r} is already wrapped by a MaskEncoder; load it again or use backbone.copy()"
+            )
+        for param in backbone.model.parameters():
+            param.requires_grad_(False)
+        self.lora_config = copy.deepcopy(lora)
+        self.is_decoder = backbone.is_decoder
+        self.model = peft.get_peft_model(backbone.model, copy.deepcopy(lora), adapter_name=first_adapter)
+        self._frozen: set[str] = set()
+        self._active = first_adapter
+        self._trainable = True
+        self.activate(first_adapter)
+
+    # ------------------------------------------------------------------------------------------------ adapters
+    @property
+    def adapters(self) -> list[str]:
+        """Adapter names in creation order."""
+        return list(self.model.peft_config)
+
+    @property
+    def active_adapter(self) -> str:
+        """The adapter used when ``forward`` gets no ``adapter_names``."""
+        return self._active
+
+    @property
+    def frozen_adapters(self) -> set[str]:
+        """Adapters frozen for good (``freeze_adapter``)."""
+        return set(self._frozen)
+
+    def _lora_params(self, adapter: str | None = None) -> Iterator[tuple[str, str, torch.nn.Parameter]]:
+        """(adapter, adapter-free name, parameter) of every LoRA tensor, or of one adapter's."""
+        for name, param in self.model.named_parameters():
+            split = _split_lora_name(name)
+            if split is not None and (adapter is None or split[0] == adapter):
+                yield split[0], split[1], param
+
+    def _check(self, name: str) -> None:
+        if name not in self.model.peft_config:
+            raise ValueError(f"unknown adapter {name!r}; have {self.adapters}")
+
+    def add_adapter(self, name: str, init_from: str | None = None) -> None:
+        """Add a fresh LoRA adapter (peft's init: B = 0), or a copy of ``init_from``'s current weights.
+
+        The active adapter and the trainable set do not change; call ``activate(name)`` to train it.
+        """
+        if name in self.model.peft_config:
+            raise ValueError(f"adapter {name!r} already exists")
+        if init_from is not None:
+            self._check(init_from)
+        self.model.add_adapter(name, copy.deepcopy(self.lora_config))
+        if init_from is not None:
+            self.load_adapter_state(name, self.adapter_state(init_from))
+        self.activate(self._active, trainable=self._trainable)  # peft's add_adapter may re-enable grads
+
+    def activate(self, name: str, trainable: bool = True) -> None:
+        """Make ``name`` the active adapter; only its LoRA tensors require grad (none if ``trainable=False``).
+
+        Raises:
+            ValueError: unknown adapter, or ``trainable=True`` for an adapter frozen by ``freeze_adapter``.
+        """
+        self._check(name)
+        if trainable and name in self._frozen:
+            raise ValueError(f"adapter {name!r} is frozen; activate it with trainable=False")
+        self.model.set_adapter(name)
+        for param in self.model.parameters():  # the backbone stays frozen whatever peft's set_adapter did
+            param.requires_grad_(False)
+        if trainable:
+            for _, _, param in self._lora_params(name):
+                param.requires_grad_(True)
+        self._active, self._trainable = name, trainable
+
+    def freeze_adapter(self, name: str) -> None:
+        """Freeze ``name`` for good: its tensors never require grad again, so they stay bit-identical."""
+        self._check(name)
+        self._frozen.add(name)
+        for _, _, param in self._lora_params(name):
+            param.requires_grad_(False)
+        if name == self._active:
+            self._trainable = False
+
+    def adapter_state(self, name: str) -> dict[str, torch.Tensor]:
+        """Cloned LoRA tensors of one adapter, keyed without the adapter name (so they load into any adapter)."""
+        self._check(name)
+        return {key: param.detach().clone() for _, key, param in self._lora_params(name)}
+
+    def load_adapter_state(self, name: str, state: dict[str, torch.Tensor]) -> None:
+        """Copy tensors from ``adapter_state`` output into adapter ``name``.
+
+        Raises:
+            ValueError: the keys do not match the adapter's tensors exactly.
+        """
+        self._check(name)
+        params = {key: param for _, key, param in self._lora_params(name)}
+        if set(params) != set(state):
+            missing, extra = sorted(set(params) - set(state)), sorted(set(state) - set(params))
+            raise ValueError(f"adapter {name!r} state mismatch: missing {missing[:3]}, unexpected {extra[:3]}")
+        with torch.no_grad():
+            for key, param in params.items():
+                param.copy_(state[key])
+
+    # ------------------------------------------------------------------------------------------------- forward
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        mask_pos: torch.Tensor,
+        adapter_names: list[str] | None = None,
+    ) -> torch.Tensor:
+        """Hidden state ``[B, H]`` at ``mask_pos`` (the final layer, after the final norm for LLaMA).
+
+        Args:
+            input_ids: ``[B, T]`` token ids.
+            attention_mask: ``[B, T]``, 1 on real tokens.
+            mask_pos: ``[B]`` index of the mask token per row.
+            adapter_names: one adapter name per row for mixed-batch inference (peft's ``adapter_names``); None
+                uses the active adapter. peft 0.21 refuses it in training mode ("Cannot pass `adapter_names`
+                when the model is in training mode"), so call it under ``eval()``, normally with ``no_grad``.
+
+        Raises:
+            ValueError: ``adapter_names`` in training mode or of the wrong length.
+        """
+        kwargs: dict[str, object] = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if self.is_decoder:
+            kwargs["use_cache"] = False  # a KV cache is useless for one forward pass
+        if adapter_names is not None:
+            if self.training or self.model.training:
+                raise ValueError("per-sample adapter_names works only in eval mode (peft); call encoder.eval()")
+            if len(adapter_names) != input_ids.shape[0]:
+                raise ValueError(f"adapter_names has {len(adapter_names)} entries for a batch of {input_ids.shape[0]}")
+            for name in set(adapter_names):
+                self._check(name)
+            kwargs["adapter_names"] = list(adapter_names)
+        hidden = self.model(**kwargs).last_hidden_state
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
+        return hidden[rows, mask_pos.to(hidden.device)]
