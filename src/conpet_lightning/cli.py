@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
-    except (ConfigError, DataError, KeyError, FileNotFoundError, ValueError) as err:
+    except (ConfigError, DataError, FileNotFoundError, FloatingPointError) as err:
         print(f"conpet: error: {err}", file=sys.stderr)
         return 2
 

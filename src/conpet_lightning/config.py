@@ -99,6 +99,8 @@ class EvalConfig:
 
     every_n_steps: int | None = None
     """Evaluate all seen tasks every N training steps (stability-gap curves, min-ACC / WC-ACC)."""
+    reference_run: str | None = None
+    """Folder (or metrics.json) of a ``joint`` run of the same config: enables intransigence in the summary."""
 
 
 @dataclass
@@ -172,7 +174,7 @@ def _expand_callback_presets(cfg: DictConfig, callbacks_dir: Path) -> None:
             if entry.get("name") is None:
                 raise ConfigError(f"callbacks.{slot}: needs 'preset' (a file in {callbacks_dir}) or 'name'")
             continue
-        overrides = OmegaConf.masked_copy(entry, [k for k in entry.keys() if k != "preset"])
+        overrides = OmegaConf.masked_copy(entry, [k for k in entry if k != "preset"])
         cfg.callbacks[slot] = OmegaConf.merge(_read_yaml(callbacks_dir / f"{preset}.yaml"), overrides)
 
 

@@ -1,5 +1,7 @@
-"""The task-loop orchestrator: for each task, for each stage the method declares, a fresh Trainer fits and the
-best epoch (by the stage's validation metric) is restored; then all seen tasks are tested.
+"""The task-loop orchestrator: a fresh Trainer per stage of each task, then a test on all seen tasks.
+
+For each task, for each stage the method declares, a fresh Trainer fits and the best epoch (by the stage's
+validation metric) is restored; then all seen tasks are tested.
 
 Run state (config, metrics, the accuracy matrix) is written after every task, so nothing finished is lost.
 """
@@ -7,8 +9,10 @@ Run state (config, metrics, the accuracy matrix) is written after every task, so
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +23,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from conpet_lightning.callbacks.base import TaskCallback
 from conpet_lightning.callbacks.continual_metrics import ContinualMetricsCallback
 from conpet_lightning.callbacks.progress import TaskProgressBar
-from conpet_lightning.config import RunConfig, to_yaml
+from conpet_lightning.config import ConfigError, RunConfig, to_yaml
 from conpet_lightning.data.benchmarks import load_benchmark
 from conpet_lightning.data.datamodule import ContinualDataModule
 from conpet_lightning.data.records import Benchmark
@@ -62,10 +66,32 @@ def build_callbacks(cfg: RunConfig) -> list[TaskCallback]:
     return out
 
 
+def quiet_lightning() -> None:
+    """A run builds dozens of Trainers: keep their repeated banners and known-harmless warnings off the console."""
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=".*`Trainer.fit` stopped.*")
+
+
+def load_reference(path: str | None) -> list[list[float | None]] | None:
+    """The accuracy matrix of a reference (joint) run, for intransigence."""
+    if path is None:
+        return None
+    file = Path(path)
+    file = file / "metrics.json" if file.is_dir() else file
+    if not file.is_file():
+        raise ConfigError(f"eval.reference_run: no metrics.json at {file}")
+    return json.loads(file.read_text())["accuracy_matrix"]
+
+
 class TaskLoop:
     """Drives one run: data, method, callbacks, a fresh Trainer per stage, and the run folder."""
 
     def __init__(self, cfg: RunConfig, run_dir: Path) -> None:
+        quiet_lightning()
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -92,6 +118,9 @@ class TaskLoop:
         self.metrics = ContinualMetricsCallback(self.benchmark.num_tasks)
         self.per_task: list[dict[str, Any]] = []
         self.extra_loggers: list[Any] = []
+        self.eval_curve: list[dict[str, Any]] = []
+        """Evaluations during training ({"task", "step", "acc": [per seen task]}), if a callback records them."""
+        self.reference = load_reference(cfg.eval.reference_run)
 
     # ----------------------------------------------------------------------------------------------- trainers
     def make_trainer(self, task: int, stage: StageSpec | None, extra: list[L.Callback] | None = None) -> L.Trainer:
@@ -132,6 +161,7 @@ class TaskLoop:
             enable_version_counter=False,
         )
         trainer = self.make_trainer(task, stage, [ckpt])
+        params = self.method.parameter_report()
         start = time.perf_counter()
         trainer.fit(self.method, datamodule=self.datamodule)
         seconds = time.perf_counter() - start
@@ -145,6 +175,8 @@ class TaskLoop:
             "epochs": int(trainer.current_epoch),
             "best_score": None if score is None else round(float(score), 4),
             "best_checkpoint": os.path.relpath(best, self.run_dir) if best else None,
+            "trainable_parameters": params["trainable"],
+            "total_parameters": params["total"],
         }
 
     def evaluate(self, task: int) -> dict[str, Any]:
@@ -162,7 +194,10 @@ class TaskLoop:
             cb.on_run_start(self)
         for task in range(self.benchmark.num_tasks):
             self.run_task(task)
-        return self.write_metrics()
+        metrics = self.write_metrics()
+        for cb in self.callbacks:
+            cb.on_run_end(self, metrics)
+        return metrics
 
     def run_task(self, task: int) -> None:
         """All stages of one task, then its test."""
@@ -188,7 +223,6 @@ class TaskLoop:
         record["train_steps"] = sum(s["steps"] for s in record["stages"].values())
         record["train_data"] = self.datamodule.train_plan_info
         record["filtered_long_templates"] = self.datamodule.filtered.get(task, 0)
-        record["parameters"] = self.method.parameter_report()
         record["test"] = self.evaluate(task)
         for cb in self.callbacks:
             record.update(cb.task_record(task))
@@ -196,6 +230,8 @@ class TaskLoop:
             record.update(self.method.task_record(task))
         self.per_task.append(record)
         self.write_metrics()
+        for cb in self.callbacks:
+            cb.on_task_evaluated(self, task)
 
     def write_metrics(self) -> dict[str, Any]:
         """Write metrics.json and accuracy_matrix.csv for the tasks finished so far."""
@@ -203,7 +239,11 @@ class TaskLoop:
         n_test = [int(len(self.datamodule.indices("test", t))) for t in range(self.benchmark.num_tasks)]
         done = len(R)
         square = [row[:done] for row in R]
-        summary = summarize(square, n_test[:done]) if done else {}
+        joint = None
+        if self.reference is not None and len(self.reference) >= done:
+            joint = [row[:done] for row in self.reference[:done]]
+        curve = self.eval_curve or None
+        summary = summarize(square, n_test[:done], R_joint=joint, eval_curve=curve) if done else {}
         out = {
             "experiment": self.cfg.experiment,
             "run_id": self.run_dir.name,
@@ -214,10 +254,13 @@ class TaskLoop:
             "summary": summary,
             "per_task": self.per_task,
         }
+        if self.eval_curve:
+            out["eval_curve"] = self.eval_curve
+        if joint is not None:
+            out["joint_accuracy_matrix"] = joint
         if self.cfg.train.accelerator == "cpu" or int(os.environ.get("LOCAL_RANK", "0")) == 0:
             (self.run_dir / "metrics.json").write_text(json.dumps(out, indent=2))
             lines = [",".join(f"task{j + 1}" for j in range(done))]
             lines += [",".join("" if v is None else f"{v:.2f}" for v in row) for row in square]
             (self.run_dir / "accuracy_matrix.csv").write_text("\n".join(lines) + "\n")
         return out
-

@@ -32,7 +32,9 @@ class Registry:
         """Look a name up; an unknown one lists the valid names."""
         _import_builtins()
         if name not in self._items:
-            raise KeyError(f"unknown {self.kind} '{name}'; registered: {', '.join(sorted(self._items))}")
+            from conpet_lightning.config import ConfigError
+
+            raise ConfigError(f"unknown {self.kind} '{name}'; registered: {', '.join(sorted(self._items))}")
         return self._items[name]
 
     def names(self) -> list[str]:

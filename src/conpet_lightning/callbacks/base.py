@@ -46,6 +46,12 @@ class TaskCallback(L.Callback):
     def on_task_end(self, loop: TaskLoop, task: int) -> None:
         """After the last stage, before the end-of-task test."""
 
+    def on_task_evaluated(self, loop: TaskLoop, task: int) -> None:
+        """After the end-of-task test: row ``task`` of R and ``loop.per_task[task]`` are final and on disk."""
+
+    def on_run_end(self, loop: TaskLoop, metrics: dict[str, Any]) -> None:
+        """Once, after the last task, with the final metrics.json content."""
+
     def task_record(self, task: int) -> dict[str, Any]:
         """Extra entries for ``metrics.json`` ``per_task[task]``."""
         return {}

@@ -44,7 +44,7 @@ class ContinualMetricsCallback(L.Callback):
     def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Write row ``self.task`` of R (percent, None above the diagonal)."""
         result = self.metric.compute()
-        per_task = result["per_task"].tolist()
+        per_task = torch.atleast_1d(result["per_task"]).tolist()  # torchmetrics squeezes one-element outputs
         row: list[float | None] = [None] * self.num_tasks
         for j in range(self.task + 1):
             row[j] = round(float(per_task[j]), 4)

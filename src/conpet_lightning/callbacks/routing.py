@@ -60,7 +60,9 @@ class TopKRoutingCallback(TaskCallback):
     def on_run_start(self, loop: TaskLoop) -> None:
         """Check the method can be routed."""
         if not hasattr(loop.method, "selector_logits") or not getattr(loop.method.options, "selector", False):
-            raise ValueError("the topk_routing callback needs a method with a selector (dynamic_conpet, selector: true)")
+            raise ValueError(
+                "the topk_routing callback needs a method with a selector (dynamic_conpet, selector: true)"
+            )
         self.num_tasks = loop.benchmark.num_tasks
 
     def on_task_start(self, loop: TaskLoop, task: int) -> None:
@@ -81,8 +83,10 @@ class TopKRoutingCallback(TaskCallback):
         missing = [i for i, key in enumerate(keys) if key not in self.cache]
         if missing:
             rows = torch.tensor(missing, device=module.device)
-            sub = {n: (v[rows] if torch.is_tensor(v) else [v[i] for i in missing] if isinstance(v, list) else v)
-                   for n, v in batch.items()}
+            sub = {
+                n: (v[rows] if torch.is_tensor(v) else [v[i] for i in missing] if isinstance(v, list) else v)
+                for n, v in batch.items()
+            }
             top = module.selector_logits(sub).topk(k, dim=-1).indices
             for j, i in enumerate(missing):
                 self.cache[keys[i]] = top[j].cpu()
@@ -146,10 +150,10 @@ class TopKRoutingCallback(TaskCallback):
             "selector": {
                 "acc_macro": round(float(sel["macro"]), 4),
                 "acc_micro": round(float(sel["micro"]), 4),
-                "per_task": [round(float(v), 4) for v in sel["per_task"][:k]],
+                "per_task": [round(float(v), 4) for v in torch.atleast_1d(sel["per_task"])[:k]],
                 "topk": self.options.topk,
                 "topk_hit_rate": round(float(hit["micro"]), 4),
-                "confusion": self.confusion.compute()[:k, :k].tolist(),
+                "confusion": self.confusion.compute().reshape(self.num_tasks, self.num_tasks)[:k, :k].tolist(),
                 "oracle_acc_macro": round(float(oracle["macro"]), 4),
                 "oracle_acc_micro": round(float(oracle["micro"]), 4),
                 "oracle_gap_macro": round(float(oracle["macro"] - actual["macro"]), 4),

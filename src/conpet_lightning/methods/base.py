@@ -77,8 +77,9 @@ class ContinualMethod(L.LightningModule, ABC):
         return [StageSpec("train", self.cfg.train.epochs, grad_clip=self.cfg.train.grad_clip)]
 
     def setup_stage(self, task: int, stage: StageSpec) -> None:
-        """Prepare trainable parameters for a stage."""
+        """Prepare trainable parameters for a stage (HF models load in eval mode; training wants train mode)."""
         self.stage = stage.name
+        self.train()
 
     def end_stage(self, task: int, stage: StageSpec) -> None:
         """Called after the best checkpoint of a stage is restored."""
@@ -120,6 +121,14 @@ class ContinualMethod(L.LightningModule, ABC):
         """Predictions for the continual-metrics callback (which fills the accuracy matrix)."""
         return {"preds": self.predict(batch)}
 
+    def on_before_backward(self, loss: torch.Tensor) -> None:
+        """Stop at once on a non-finite loss, naming where; finished tasks are already on disk."""
+        if not torch.isfinite(loss).all():
+            raise FloatingPointError(
+                f"non-finite loss ({float(loss.detach())}) at task {self.task + 1}, stage '{self.stage}', "
+                f"step {self.global_step}: lower train.lr, or check the data of this task"
+            )
+
     def configure_optimizers(self) -> torch.optim.Optimizer:
         """AdamW over the parameters this stage trains (ConPET: wd 0.01, no scheduler)."""
         params = [p for p in self.parameters() if p.requires_grad]
@@ -127,10 +136,6 @@ class ContinualMethod(L.LightningModule, ABC):
             raise RuntimeError(f"stage '{self.stage}' of task {self.task} has no trainable parameters")
         t = self.cfg.train
         return torch.optim.AdamW(params, lr=t.lr_for(self.task), weight_decay=t.weight_decay, eps=t.adam_eps)
-
-    def on_train_start(self) -> None:
-        """HF models load in eval mode; training mode matters for LoRA dropout."""
-        self.encoder.train()
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Keep only what this stage trains: the frozen backbone and frozen experts never change."""

@@ -13,9 +13,10 @@ forward pass (exact).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -95,7 +96,9 @@ class DynamicConPET(ContinualMethod):
         if task == 0 or not self.options.selector:
             return [expert]
         sel_epochs = self.options.selector_epochs if self.options.selector_epochs is not None else t.epochs
-        selector = StageSpec("selector", sel_epochs, monitor="val/selector_acc", grad_clip=self.options.selector_grad_clip)
+        selector = StageSpec(
+            "selector", sel_epochs, monitor="val/selector_acc", grad_clip=self.options.selector_grad_clip
+        )
         return [selector, expert]
 
     def setup_task(self, task: int) -> None:
@@ -117,9 +120,12 @@ class DynamicConPET(ContinualMethod):
             source = expert_name(task - 1) if init == "from_prev_expert" else None
             self.encoder.add_adapter("selector", init_from=source)
         elif init == "from_prev_expert":
-            self.encoder.copy_adapter(expert_name(task - 1), "selector")
-        elif init == "fresh":
-            self.encoder.reset_adapter("selector")
+            self.encoder.load_adapter_state("selector", self.encoder.adapter_state(expert_name(task - 1)))
+        elif init == "fresh":  # a newly initialised LoRA (peft's init) in place of last task's selector
+            fresh = f"selector_init{task}"
+            self.encoder.add_adapter(fresh)
+            self.encoder.load_adapter_state("selector", self.encoder.adapter_state(fresh))
+            self.encoder.model.delete_adapter(fresh)
         old = self.selector_head
         head = nn.Linear(self.hidden_size, task + 1)
         if old is not None:
@@ -148,11 +154,9 @@ class DynamicConPET(ContinualMethod):
         self.expert_heads[task].requires_grad_(True)
 
     def end_task(self, task: int) -> None:
-        """Freeze this task's expert forever; the selector is frozen until the next task grows it."""
+        """Freeze this task's expert forever (the selector only trains in its own stage of the next task)."""
         self.encoder.freeze_adapter(expert_name(task))
         self.expert_heads[task].requires_grad_(False)
-        if "selector" in self.encoder.adapters:
-            self.encoder.freeze_adapter("selector")
         self.frozen_experts.add(task)
 
     # ------------------------------------------------------------------------------------------------ selector
@@ -167,25 +171,24 @@ class DynamicConPET(ContinualMethod):
 
     # ------------------------------------------------------------------------------------------------- experts
     def frozen_expert_logits(self, batch: dict[str, Any], rows: torch.Tensor, expert: int) -> torch.Tensor:
-        """Head outputs of a frozen expert for some rows of the batch, from the cache where possible."""
+        """Head outputs of an expert under no grad for some rows of the batch; frozen experts' come from the cache."""
         keys = [batch["keys"][i] for i in rows.tolist()]
-        missing = [i for i, k in zip(rows.tolist(), keys, strict=True) if (expert, k) not in self.expert_cache]
+        cacheable = expert in self.frozen_experts
+        fresh: dict[str, torch.Tensor] = {}
+        missing = [
+            i for i, k in zip(rows.tolist(), keys, strict=True) if not (cacheable and (expert, k) in self.expert_cache)
+        ]
         if missing:
             sub = _take(batch, torch.tensor(missing, device=rows.device))
             with torch.no_grad(), eval_mode(self.encoder):
                 hidden = self.represent(sub, adapter_names=[expert_name(expert)] * len(missing))
                 out = self.expert_heads[expert](hidden).float()
-            cacheable = expert in self.frozen_experts
             for j, i in enumerate(missing):
+                fresh[batch["keys"][i]] = out[j].detach()
                 if cacheable:
                     self.expert_cache[(expert, batch["keys"][i])] = out[j].detach().cpu()
-                else:  # the current expert, still training: use once, never cache
-                    self.expert_cache.setdefault((-1, batch["keys"][i]), out[j].detach().cpu())
-        result = []
-        for k in keys:
-            value = self.expert_cache.get((expert, k))
-            result.append(value if value is not None else self.expert_cache.pop((-1, k)))
-        return torch.stack(result).to(self.device)
+        values = [fresh[k] if k in fresh else self.expert_cache[(expert, k)].to(self.device) for k in keys]
+        return torch.stack(values).to(self.device)
 
     def assemble_logits(self, batch: dict[str, Any], route: torch.Tensor, trainable: int | None) -> torch.Tensor:
         """[B, seen classes] logits: each routed expert fills its own columns, the rest is ``null_expert_logit``.
@@ -202,8 +205,6 @@ class DynamicConPET(ContinualMethod):
                     values = self.expert_heads[expert](self.represent(_take(batch, rows)))
                 else:  # reference path: the whole batch through the trainable expert, unrouted rows discarded
                     values = self.expert_heads[expert](self.represent(batch))[rows]
-            elif not self.options.skip_frozen and expert not in self.frozen_experts:
-                values = self.frozen_expert_logits(batch, rows, expert)
             else:
                 values = self.frozen_expert_logits(batch, rows, expert)
             logits = logits.index_put((rows[:, None], cols[None, :]), values.to(logits.dtype))
@@ -218,8 +219,10 @@ class DynamicConPET(ContinualMethod):
         if "route" in batch:
             return batch["route"]
         if self.options.selector and self.task > 0:
-            raise RuntimeError("method.selector is on but no routing callback wrote batch['route']: add the "
-                               "'topk_routing' callback (callbacks/topk_routing.yaml) or set method.selector=false")
+            raise RuntimeError(
+                "method.selector is on but no routing callback wrote batch['route']: add the "
+                "'topk_routing' callback (callbacks/topk_routing.yaml) or set method.selector=false"
+            )
         return self.all_experts_route(len(batch["keys"]))
 
     # ---------------------------------------------------------------------------------------------- Lightning
@@ -229,11 +232,15 @@ class DynamicConPET(ContinualMethod):
         if self.stage == "selector":
             loss = F.cross_entropy(self.selector_logits(batch, trainable=True), batch["task_ids"])
         else:
-            logits = self.assemble_logits(batch, self.route_of(batch), trainable=self.task)
-            target = self.class_index.to(self.device)[batch["labels"]]
-            loss = F.nll_loss(F.log_softmax(logits, dim=-1), target)
+            loss = self.expert_loss(batch)
         self.log(f"train/{self.stage}_loss", loss, prog_bar=True, batch_size=n)
         return loss
+
+    def expert_loss(self, batch: dict[str, Any]) -> torch.Tensor:
+        """NLL over all seen classes of the routed logits; only the current expert carries gradient."""
+        logits = self.assemble_logits(batch, self.route_of(batch), trainable=self.task)
+        target = self.class_index.to(self.device)[batch["labels"]]
+        return F.nll_loss(F.log_softmax(logits, dim=-1), target)
 
     def predict_from_route(self, batch: dict[str, Any], route: torch.Tensor) -> torch.Tensor:
         """Global class predictions from a given routing (no gradient)."""

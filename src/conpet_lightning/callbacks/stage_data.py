@@ -1,0 +1,53 @@
+"""Per-stage data for two-stage methods on dynamic replay (CRL*): stage 1 sees the current task alone.
+
+``dynamic_replay`` installs one plan per task. CRL trains its contrastive stage on the current task only and its
+replay stage on the replayed history, so this callback, listed *after* the replay callback, keeps the plan that was
+installed for the task and, before each stage, serves either the current task alone (stages the method marks
+``current`` in ``stage_data``) or that plan again.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from conpet_lightning.callbacks.base import TaskCallback
+from conpet_lightning.data.datamodule import shuffled_epoch
+from conpet_lightning.methods.static.common import stage_data_kind
+from conpet_lightning.registry import CALLBACKS
+
+if TYPE_CHECKING:
+    from conpet_lightning.loop import TaskLoop
+    from conpet_lightning.methods.base import StageSpec
+
+
+@CALLBACKS.register("stage_data")
+class StageDataCallback(TaskCallback):
+    """Swaps the task's replay plan for the current task alone in the stages that ask for it."""
+
+    def __init__(self) -> None:
+        self.saved: tuple[list[list[list[int]]], list[list[int]], str] | None = None
+        self.records: dict[int, dict[str, Any]] = {}
+
+    def on_task_start(self, loop: TaskLoop, task: int) -> None:
+        """Keep the plan the replay callback installed: every epoch the task's longest stage will iterate."""
+        dm = loop.datamodule
+        epochs = max([s.epochs for s in loop.method.stages(task)] + [1])
+        self.saved = ([dm.train_plan(e) for e in range(epochs)], dm.valid_plan(), dm.train_plan_info)
+
+    def on_stage_start(self, loop: TaskLoop, task: int, stage: StageSpec) -> None:
+        """Serve the current task alone, or the kept replay plan, as the method asks."""
+        assert self.saved is not None, "on_task_start runs first"
+        dm = loop.datamodule
+        kind = stage_data_kind(loop.method, task, stage)
+        if kind == "current":
+            current, seed, size = dm.indices("train", task), loop.cfg.seed, dm.batch_size
+            dm.set_train_plan(lambda epoch: shuffled_epoch(current, size, seed, task, epoch), "current task")
+        else:
+            plans, _, info = self.saved
+            dm.set_train_plan(lambda epoch: plans[min(epoch, len(plans) - 1)], info)
+        dm.set_valid_plan(self.saved[1])
+        self.records.setdefault(task, {}).setdefault("stage_data", {})[stage.name] = kind
+
+    def task_record(self, task: int) -> dict[str, Any]:
+        """Which data each stage trained on."""
+        return self.records.get(task, {})

@@ -1,0 +1,156 @@
+"""Dynamic ConPET on a tiny model: frozen experts, selector growth, teacher forcing, exact skipping, fixed budget."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conpet_lightning.callbacks.base import TaskCallback
+from conpet_lightning.callbacks.routing import apply_teacher_forcing
+from conpet_lightning.methods.dynamic import expert_name
+from tests.helpers import tiny_loop
+
+
+class Recorder(TaskCallback):
+    """Snapshots adapters and heads at task boundaries, and the routes of training batches."""
+
+    def __init__(self) -> None:
+        self.experts: dict[int, dict[int, dict[str, torch.Tensor]]] = {}
+        self.selector_rows: dict[int, torch.Tensor] = {}
+        self.selector_end: dict[int, torch.Tensor] = {}
+        self.routes: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+
+    def on_task_start(self, loop, task):
+        if loop.method.selector_head is not None:
+            self.selector_rows[task] = loop.method.selector_head.weight.detach().clone()
+
+    def on_task_end(self, loop, task):
+        m = loop.method
+        self.experts[task] = {
+            t: {**m.encoder.adapter_state(expert_name(t)), "head": m.expert_heads[t].weight.detach().clone()}
+            for t in range(task + 1)
+        }
+        if m.selector_head is not None:
+            self.selector_end[task] = m.selector_head.weight.detach().clone()
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if pl_module.stage == "expert" and "route" in batch:
+            self.routes.append((pl_module.task, batch["route"].clone(), batch["task_ids"].clone()))
+
+
+@pytest.fixture(scope="module")
+def dynamic_run(tmp_path_factory):
+    loop = tiny_loop("dynamic_conpet", tmp_path_factory.mktemp("dyn"), num_tasks=4)
+    recorder = Recorder()
+    loop.callbacks.append(recorder)
+    out = loop.run()
+    return loop, recorder, out
+
+
+def test_earlier_experts_are_bit_identical_after_later_tasks(dynamic_run):
+    _, rec, _ = dynamic_run
+    for k in range(1, 4):
+        for t in range(k):
+            before, after = rec.experts[t][t], rec.experts[k][t]
+            assert before.keys() == after.keys()
+            assert all(torch.equal(before[name], after[name]) for name in before), (t, k)
+    # and training did change the newest expert (the check above is not vacuous)
+    assert not torch.equal(rec.experts[1][1]["head"], rec.experts[2][2]["head"][: rec.experts[1][1]["head"].shape[0]])
+
+
+def test_selector_head_grows_by_one_row_with_old_rows_copied(dynamic_run):
+    _, rec, _ = dynamic_run
+    for k in (2, 3):
+        grown, previous = rec.selector_rows[k], rec.selector_end[k - 1]
+        assert grown.shape[0] == k + 1 and previous.shape[0] == k
+        assert torch.equal(grown[:k], previous)
+
+
+def test_teacher_forcing_sends_training_samples_to_their_own_expert(dynamic_run):
+    _, rec, _ = dynamic_run
+    assert rec.routes, "no routed training batch was seen"
+    for _, route, gold in rec.routes:
+        assert route.shape[1] == 1
+        assert torch.equal(route[:, 0], gold)
+
+
+def test_teacher_forcing_replaces_the_lowest_pick_only_when_gold_is_missing():
+    route = torch.tensor([[2, 0], [1, 2], [0, 1]])
+    gold = torch.tensor([1, 2, 0])
+    assert apply_teacher_forcing(route, gold).tolist() == [[2, 1], [1, 2], [0, 1]]
+
+
+def test_budgeted_tasks_run_the_same_number_of_steps(dynamic_run):
+    _, _, out = dynamic_run
+    sel = [t["stages"]["selector"]["steps"] for t in out["per_task"][1:]]
+    exp = [t["stages"]["expert"]["steps"] for t in out["per_task"][1:]]
+    assert len(set(sel)) == 1 and len(set(exp)) == 1 and sel[0] > 0
+    assert "selector" not in out["per_task"][0]["stages"]  # task 1 trains expert 1 alone
+
+
+def test_selector_panel_is_in_metrics(dynamic_run):
+    loop, _, out = dynamic_run
+    panel = out["per_task"][3]["selector"]
+    assert 0 <= panel["acc_macro"] <= 100 and 0 <= panel["topk_hit_rate"] <= 100
+    confusion = torch.tensor(panel["confusion"])
+    assert confusion.shape == (4, 4)
+    assert confusion.sum(dim=1).tolist() == [t["n_test"] for t in out["tasks"]]
+    assert panel["oracle_gap_macro"] == pytest.approx(
+        panel["oracle_acc_macro"] - out["per_task"][3]["test"]["macro"], abs=1e-3
+    )
+
+
+class SkipCheck(TaskCallback):
+    """On the first expert-stage batch of task 2, computes loss and gradients with and without skipping."""
+
+    def __init__(self) -> None:
+        self.result: dict[bool, tuple[torch.Tensor, dict[str, torch.Tensor]]] = {}
+        self.batch_tasks: torch.Tensor | None = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if pl_module.stage != "expert" or pl_module.task != 1 or self.result:
+            return
+        self.batch_tasks = batch["task_ids"].clone()
+        pl_module.eval()  # no dropout, so both paths see the same function
+        calls = []
+        handle = pl_module.encoder.register_forward_hook(lambda mod, args, out: calls.append(out.shape[0]))
+        for skip in (True, False):
+            pl_module.options.skip_frozen = skip
+            pl_module.zero_grad()
+            calls.clear()
+            loss = pl_module.expert_loss(batch)
+            loss.backward()
+            grads = {n: p.grad.clone() for n, p in pl_module.named_parameters() if p.requires_grad}
+            self.result[skip] = (loss.detach(), grads, sum(calls))
+        handle.remove()
+        pl_module.options.skip_frozen = True
+        pl_module.zero_grad()
+        pl_module.train()
+
+
+def test_skipping_replayed_samples_is_exact(tmp_path):
+    loop = tiny_loop("dynamic_conpet", tmp_path, num_tasks=2)
+    check = SkipCheck()
+    loop.callbacks.append(check)
+    loop.run()
+    assert check.batch_tasks is not None and (check.batch_tasks == 0).any() and (check.batch_tasks == 1).any()
+    (loss_skip, grads_skip, rows_skip), (loss_full, grads_full, rows_full) = check.result[True], check.result[False]
+    assert torch.allclose(loss_skip, loss_full, atol=1e-6)
+    assert grads_skip.keys() == grads_full.keys() and len(grads_skip) > 0
+    for name in grads_skip:
+        assert torch.allclose(grads_skip[name], grads_full[name], atol=1e-6), name
+    assert rows_skip < rows_full  # the replayed samples never entered the trainable forward pass
+
+
+def test_no_selector_routes_every_sample_to_every_expert(tmp_path):
+    loop = tiny_loop("dynamic_no_selector", tmp_path, num_tasks=2)
+    out = loop.run()
+    assert "selector" not in out["per_task"][1]["stages"]
+    assert "selector" not in out["per_task"][1]  # no routing panel without a selector
+    assert len(out["accuracy_matrix"]) == 2
+
+
+def test_selector_without_routing_callback_is_a_clear_error(tmp_path):
+    loop = tiny_loop("dynamic_conpet", tmp_path, "callbacks.routing=null", num_tasks=2)
+    with pytest.raises(RuntimeError, match="routing callback"):
+        loop.run()
