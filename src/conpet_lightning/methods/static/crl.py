@@ -1,5 +1,7 @@
-"""CRL and CRL* (METHOD.md §3.5, after Zhao et al. 2022): contrastive training with a feature bank, contrastive
-replay with prototype-similarity distillation, and nearest-prototype prediction.
+"""CRL and CRL* (METHOD.md §3.5, after Zhao et al. 2022): contrastive PET with prototype distillation.
+
+Contrastive training with a feature bank, contrastive replay with prototype-similarity distillation, and
+nearest-prototype prediction.
 
 Per task two stages, each a fresh Trainer that keeps its last epoch (CRL selects no epoch):
 
@@ -116,7 +118,9 @@ class CRLModule(ContinualMethod):
         self.bank_feats = encode_records(self, dm, "train", self.bank_index, self.project, self.fit_context).to(
             self.device
         )
-        self.bank_labels = torch.tensor([dm.item("train", int(i))["label"] for i in self.bank_index], device=self.device)
+        self.bank_labels = torch.tensor(
+            [dm.item("train", int(i))["label"] for i in self.bank_index], device=self.device
+        )
 
     def memory_updated(self, loop: Any, task: int, memory: Any) -> None:
         """The episodic memory of every seen task, the prototype pool of CRL."""
@@ -160,8 +164,11 @@ class CRLModule(ContinualMethod):
         return (-(log_prob * positive).sum(dim=-1)[keep] / n_pos[keep]).mean()
 
     def distill_loss(self, f: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """KL between the stored prototype similarities of a sample's class and its similarity to the bank's
-        current old-class prototypes (samples of old classes only)."""
+        """KL from stored to current prototype similarities, on samples of old classes only.
+
+        Compares the stored prototype-similarity row of a sample's class with its similarity to the bank's current
+        old-class prototypes.
+        """
         if self.prev_sim is None or not self.prev_classes:
             return f.sum() * 0.0
         old = torch.tensor(self.prev_classes, device=f.device)

@@ -1,5 +1,6 @@
-"""EA-EMR and EA-EMR* (METHOD.md §3.4): EMR plus an embedding-alignment layer that is fitted after each task and
-*applied* between the encoder and the head.
+"""EA-EMR and EA-EMR* (METHOD.md §3.4): EMR plus an applied embedding-alignment layer.
+
+The alignment layer is fitted after each task and *applied* between the encoder and the head.
 
 The head reads ``A(z)``, where ``z`` is the mask hidden state and ``A`` a ``Linear(h, h)`` (identity at the start, so
 task 1 is plain EMR). ``A`` is frozen while a task trains. After task k, ``A`` is refitted by MSE so that the current
@@ -176,7 +177,7 @@ class EAEMRModule(EMRModule):
         self.align.load_state_dict(state)
         with torch.no_grad():
             after = float(F.mse_loss(self.align(z), y))
-        return {"samples": int(len(z)), "mse_before": round(before, 6), "mse_after": round(after, 6)}
+        return {"samples": int(len(z)), "mse_before": float(f"{before:.4g}"), "mse_after": float(f"{after:.4g}")}
 
     # -------------------------------------------------------------------------------------------------- test
     def on_test_epoch_start(self) -> None:
