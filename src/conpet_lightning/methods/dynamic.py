@@ -240,7 +240,13 @@ class DynamicConPET(ContinualMethod):
         """NLL over all seen classes of the routed logits; only the current expert carries gradient."""
         logits = self.assemble_logits(batch, self.route_of(batch), trainable=self.task)
         target = self.class_index.to(self.device)[batch["labels"]]
-        return F.nll_loss(F.log_softmax(logits, dim=-1), target)
+        loss = F.nll_loss(F.log_softmax(logits, dim=-1), target)
+        if not loss.requires_grad:
+            # No sample reached the trainable expert (a batch of replayed samples only): the loss is a constant and
+            # every gradient is zero. Tie it to the trainable parameters so the optimiser still takes its step, as
+            # it would have with the full forward pass.
+            loss = loss + sum(p.sum() * 0.0 for p in self.parameters() if p.requires_grad)
+        return loss
 
     def predict_from_route(self, batch: dict[str, Any], route: torch.Tensor) -> torch.Tensor:
         """Global class predictions from a given routing (no gradient)."""
