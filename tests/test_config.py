@@ -62,12 +62,22 @@ def test_missing_preset_file_is_named(tmp_path):
         load_config(exp, experiments_dir=Path("experiments"))
 
 
+@pytest.mark.parametrize("scale", ["cpu", "paper"])
 @pytest.mark.parametrize("name", EXPERIMENTS)
-def test_every_experiment_composes_with_registered_names(name):
-    cfg = load_config(name)
+def test_every_experiment_composes_with_registered_names(name, scale):
+    cfg = load_config(name, [f"scale={scale}"])
     assert cfg.method["name"] in METHODS.names()
     for entry in cfg.callbacks.values():
         assert entry["name"] in CALLBACKS.names()
+
+
+def test_scale_overlay_tunes_callbacks_but_never_adds_one():
+    # dynamic_sim_pro removes the replay callback that dynamic_conpet's paper overlay gives a batch_limit
+    assert "replay" not in load_config("dynamic_sim_pro", ["scale=paper"]).callbacks
+    assert load_config("dynamic_conpet", ["scale=paper"]).callbacks["replay"]["batch_limit"] == 400
+    fewnerd = load_config("dynamic_conpet", ["scale=paper", "data.benchmark=fewnerd"])
+    assert fewnerd.callbacks["replay"]["batch_limit"] == 2500
+    assert fewnerd.method["selector_logit_adjustment"] == 0.0  # ConPET's plain selector CE at paper scale
 
 
 def test_every_registered_method_has_an_experiment():

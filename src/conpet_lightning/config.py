@@ -134,6 +134,8 @@ class RunConfig:
 
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
+#: Accepted values of ``logging.wandb_mode`` (``wandb.init``'s ``mode``).
+WANDB_MODES = ("offline", "online", "disabled")
 
 
 def _read_yaml(path: Path) -> DictConfig:
@@ -190,9 +192,16 @@ def _apply_scale(cfg: DictConfig, scales: DictConfig | None) -> DictConfig:
         if scale != "cpu":
             raise ConfigError(f"scale '{scale}' is not defined; defined scales: {sorted(scales.keys())}")
         return cfg
+    present = {slot for slot, entry in (cfg.get("callbacks") or {}).items() if entry is not None}
     for key in ("all", bench):
-        if block.get(key) is not None:
-            cfg = OmegaConf.merge(cfg, block[key])
+        overlay = block.get(key)
+        if overlay is None:
+            continue
+        if overlay.get("callbacks") is not None:  # an overlay tunes the experiment's callbacks, never adds one
+            overlay = overlay.copy()
+            for slot in [s for s in overlay.callbacks if s not in present]:
+                del overlay.callbacks[slot]
+        cfg = OmegaConf.merge(cfg, overlay)
     return cfg
 
 
@@ -251,6 +260,10 @@ def validate(raw: DictConfig | dict[str, Any]) -> RunConfig:
         raise ConfigError(f"train.batch_size={cfg.train.batch_size} must divide by train.devices={cfg.train.devices}")
     if "name" not in cfg.method:
         raise ConfigError("method.name is required")
+    if cfg.logging.wandb_mode not in WANDB_MODES:
+        raise ConfigError(f"logging.wandb_mode must be one of {WANDB_MODES}, not {cfg.logging.wandb_mode!r}")
+    if cfg.eval.every_n_steps is not None and cfg.eval.every_n_steps < 1:
+        raise ConfigError(f"eval.every_n_steps must be a positive integer or null, got {cfg.eval.every_n_steps}")
     return cfg
 
 

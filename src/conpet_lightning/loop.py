@@ -19,9 +19,12 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_only
 
 from conpet_lightning.callbacks.base import TaskCallback
+from conpet_lightning.callbacks.continual_eval import ContinualEvalCallback
 from conpet_lightning.callbacks.continual_metrics import ContinualMetricsCallback
+from conpet_lightning.callbacks.dashboard import DashboardCallback
 from conpet_lightning.callbacks.progress import TaskProgressBar
 from conpet_lightning.config import ConfigError, RunConfig, to_yaml
 from conpet_lightning.data.benchmarks import load_benchmark
@@ -31,6 +34,7 @@ from conpet_lightning.methods.base import ContinualMethod, StageSpec
 from conpet_lightning.metrics import summarize
 from conpet_lightning.models.backbone import load_backbone
 from conpet_lightning.registry import CALLBACKS, METHODS
+from conpet_lightning.reporting.wandb_logger import RunWandbLogger, build_wandb_logger
 
 
 def build_benchmark(cfg: RunConfig) -> Benchmark:
@@ -76,6 +80,11 @@ def quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=".*`Trainer.fit` stopped.*")
 
 
+def is_rank_zero() -> bool:
+    """True in the process that writes the run folder: global rank 0 (Lightning's launcher sets the others' rank)."""
+    return rank_zero_only.rank == 0
+
+
 def load_reference(path: str | None) -> list[list[float | None]] | None:
     """The accuracy matrix of a reference (joint) run, for intransigence."""
     if path is None:
@@ -95,7 +104,14 @@ class TaskLoop:
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
+        if is_rank_zero():
+            (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
+        # built first, so that a bad logging.wandb_mode or eval.every_n_steps fails before anything loads
+        self.wandb_logger: RunWandbLogger | None = build_wandb_logger(cfg, self.run_dir)
+        """One W&B logger for the run (``logging.wandb``), passed to every Trainer (``reporting.wandb_logger``)."""
+        every = cfg.eval.every_n_steps
+        self.continual_eval = ContinualEvalCallback(every) if every is not None else None
+        """Fills ``eval_curve`` when ``eval.every_n_steps`` is set (see ``callbacks.continual_eval``)."""
         if cfg.train.num_threads and cfg.train.accelerator == "cpu":
             torch.set_num_threads(cfg.train.num_threads)
         L.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -118,8 +134,13 @@ class TaskLoop:
         self.metrics = ContinualMetricsCallback(self.benchmark.num_tasks)
         self.per_task: list[dict[str, Any]] = []
         self.extra_loggers: list[Any] = []
+        if self.wandb_logger is not None:
+            self.extra_loggers.append(self.wandb_logger)
         self.eval_curve: list[dict[str, Any]] = []
         """Evaluations during training ({"task", "step", "acc": [per seen task]}), if a callback records them."""
+        self.dashboard = DashboardCallback(self.wandb_logger)
+        """PNG figures after every task, and the W&B panels when W&B is on (see ``callbacks.dashboard``)."""
+        self.callbacks += [cb for cb in (self.continual_eval, self.dashboard) if cb is not None]
         self.reference = load_reference(cfg.eval.reference_run)
 
     # ----------------------------------------------------------------------------------------------- trainers
@@ -189,15 +210,24 @@ class TaskLoop:
 
     # -------------------------------------------------------------------------------------------------- the run
     def run(self) -> dict[str, Any]:
-        """Train and test task by task; returns the final metrics dictionary (also written as metrics.json)."""
-        for cb in self.callbacks:
-            cb.on_run_start(self)
-        for task in range(self.benchmark.num_tasks):
-            self.run_task(task)
-        metrics = self.write_metrics()
-        for cb in self.callbacks:
-            cb.on_run_end(self, metrics)
-        return metrics
+        """Train and test task by task; returns the final metrics dictionary (also written as metrics.json).
+
+        The W&B run (if any) is finished at the end, also when the run fails (with exit code 1).
+        """
+        finished = False
+        try:
+            for cb in self.callbacks:
+                cb.on_run_start(self)
+            for task in range(self.benchmark.num_tasks):
+                self.run_task(task)
+            metrics = self.write_metrics()
+            for cb in self.callbacks:
+                cb.on_run_end(self, metrics)
+            finished = True
+            return metrics
+        finally:
+            if self.wandb_logger is not None:
+                self.wandb_logger.finish(exit_code=0 if finished else 1)
 
     def run_task(self, task: int) -> None:
         """All stages of one task, then its test."""
@@ -224,6 +254,8 @@ class TaskLoop:
         record["train_data"] = self.datamodule.train_plan_info
         record["filtered_long_templates"] = self.datamodule.filtered.get(task, 0)
         record["test"] = self.evaluate(task)
+        if self.continual_eval is not None:
+            self.continual_eval.record_task_end(self, task)  # R's new row closes the task's eval curve
         for cb in self.callbacks:
             record.update(cb.task_record(task))
         if hasattr(self.method, "task_record"):
@@ -258,7 +290,7 @@ class TaskLoop:
             out["eval_curve"] = self.eval_curve
         if joint is not None:
             out["joint_accuracy_matrix"] = joint
-        if self.cfg.train.accelerator == "cpu" or int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        if is_rank_zero():
             (self.run_dir / "metrics.json").write_text(json.dumps(out, indent=2))
             lines = [",".join(f"task{j + 1}" for j in range(done))]
             lines += [",".join("" if v is None else f"{v:.2f}" for v in row) for row in square]

@@ -44,6 +44,10 @@ class DynamicConPETConfig:
     selector_epochs: int | None = None
     """Epochs of the selector stage (default: train.epochs)."""
     selector_grad_clip: float = 1.0
+    selector_logit_adjustment: float = 0.0
+    """tau of logit-adjusted training (Menon et al. 2021): the selector trains on ``logits + tau * log(prior)``,
+    prior = each task's share of the selector's training plan, and predicts from the raw logits. Dynamic replay
+    gives the new task half of every batch, so an unadjusted selector over-routes to the newest task; 0 = ConPET."""
     null_expert_logit: float = -100.0
     skip_frozen: bool = True
     """Serve samples routed only to frozen experts from the cache instead of the trainable forward (exact)."""
@@ -86,6 +90,9 @@ class DynamicConPET(ContinualMethod):
         self.expert_cache: dict[tuple[int, str], torch.Tensor] = {}
         """(expert, sample key) -> that frozen expert's head output for the sample."""
         self.frozen_experts: set[int] = set()
+        self.selector_log_prior: torch.Tensor | None = None
+        """log share of each task in the selector stage's training plan (for logit adjustment)."""
+        self.selector_priors: dict[int, list[float]] = {}
         self.class_index = torch.tensor([0])  # replaced in setup_task
 
     # --------------------------------------------------------------------------------------------- task lifecycle
@@ -160,6 +167,18 @@ class DynamicConPET(ContinualMethod):
         self.frozen_experts.add(task)
 
     # ------------------------------------------------------------------------------------------------ selector
+    def on_fit_start(self) -> None:
+        """Selector stage: measure each task's share of the training plan (the prior of logit adjustment)."""
+        if self.stage != "selector" or self.options.selector_logit_adjustment == 0:
+            self.selector_log_prior = None
+            return
+        dm = self.trainer.datamodule
+        tasks = [dm.item("train", i)["task"] for batch in dm.train_plan(0) for i in batch]
+        counts = torch.bincount(torch.tensor(tasks), minlength=self.task + 1).double()
+        prior = (counts + 1) / (counts.sum() + len(counts))  # add-one smoothing: no task has a zero prior
+        self.selector_priors[self.task] = [round(float(v), 4) for v in prior]
+        self.selector_log_prior = prior.log().float().to(self.device)
+
     def selector_logits(self, batch: dict[str, Any], trainable: bool = False) -> torch.Tensor:
         """Task scores [B, k+1]; frozen (no grad, eval mode) unless training the selector."""
         assert self.selector_head is not None, "the selector exists from task 2 on"
@@ -230,7 +249,10 @@ class DynamicConPET(ContinualMethod):
         """Selector: task-id CE. Expert: NLL over all seen classes of the routed, assembled logits."""
         n = len(batch["keys"])
         if self.stage == "selector":
-            loss = F.cross_entropy(self.selector_logits(batch, trainable=True), batch["task_ids"])
+            logits = self.selector_logits(batch, trainable=True)
+            if self.selector_log_prior is not None:
+                logits = logits + self.options.selector_logit_adjustment * self.selector_log_prior
+            loss = F.cross_entropy(logits, batch["task_ids"])
         else:
             loss = self.expert_loss(batch)
         self.log(f"train/{self.stage}_loss", loss, prog_bar=True, batch_size=n)
@@ -278,7 +300,10 @@ class DynamicConPET(ContinualMethod):
 
     def task_record(self, task: int) -> dict[str, Any]:
         """Expert-cache size, for the cost report."""
-        return {"expert_cache_entries": len(self.expert_cache)}
+        record: dict[str, Any] = {"expert_cache_entries": len(self.expert_cache)}
+        if task in self.selector_priors:
+            record["selector_train_prior"] = self.selector_priors[task]
+        return record
 
 
 def _take(batch: dict[str, Any], rows: torch.Tensor) -> dict[str, Any]:
