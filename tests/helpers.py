@@ -15,6 +15,7 @@ TINY = [
     "data.max_seq_len=48",
     "train.epochs=1",
     "logging.progress_bar=false",
+    "logging.wandb=false",  # the dashboard tests switch it on
     "train.num_threads=1",  # tiny models gain nothing from a second thread, and lose much when the CPU is busy
 ]
 

@@ -8,6 +8,8 @@ best-epoch selection and the accuracy matrix use the same definition (macro = me
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +22,17 @@ from conpet_lightning.metrics.task_accuracy import TaskAccuracy
 from conpet_lightning.models.backbone import LoadedBackbone
 from conpet_lightning.models.encoder import MaskEncoder
 from conpet_lightning.models.pet import count_parameters, make_lora_config
+
+
+@contextmanager
+def eval_mode(module: torch.nn.Module) -> Iterator[None]:
+    """Temporarily switch a module to eval mode (no dropout in frozen forwards; peft's ``adapter_names`` needs it)."""
+    was = module.training
+    module.eval()
+    try:
+        yield
+    finally:
+        module.train(was)
 
 
 @dataclass

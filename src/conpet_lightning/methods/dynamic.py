@@ -13,8 +13,6 @@ forward pass (exact).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,7 +22,7 @@ from torch import nn
 
 from conpet_lightning.config import RunConfig, check_options
 from conpet_lightning.data.records import Benchmark
-from conpet_lightning.methods.base import ContinualMethod, StageSpec
+from conpet_lightning.methods.base import ContinualMethod, StageSpec, eval_mode
 from conpet_lightning.metrics.task_accuracy import TaskAccuracy
 from conpet_lightning.models.backbone import LoadedBackbone
 from conpet_lightning.registry import METHODS
@@ -55,17 +53,6 @@ class DynamicConPETConfig:
 
 INIT_SELECTOR = ("from_prev_expert", "from_prev_selector", "fresh")
 INIT_EXPERT = ("from_selector", "fresh")
-
-
-@contextmanager
-def eval_mode(module: nn.Module) -> Iterator[None]:
-    """Temporarily switch a module to eval mode (frozen forwards see no dropout; peft's mixed batches need it)."""
-    was = module.training
-    module.eval()
-    try:
-        yield
-    finally:
-        module.train(was)
 
 
 def expert_name(task: int) -> str:

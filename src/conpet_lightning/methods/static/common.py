@@ -8,8 +8,8 @@ This module imports nothing from ``callbacks`` so both sides can use it without 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,6 +17,8 @@ import lightning as L
 import numpy as np
 import torch
 from torch import nn
+
+from conpet_lightning.methods.base import eval_mode
 
 #: What data a stage trains on (a method's ``stage_data(task, stage)``; default ``replay``):
 #: ``current`` = the current task alone, ``replay`` = current task + stored history, ``memory`` = stored samples only.
@@ -48,17 +50,6 @@ def fit_context_of(*candidates: Any) -> FitContext:
         if isinstance(ctx, FitContext):
             return ctx
     return FitContext(torch.device("cpu"))
-
-
-@contextmanager
-def eval_mode(module: nn.Module) -> Iterator[None]:
-    """Temporarily switch a module to eval mode (peft's per-sample ``adapter_names`` refuses training mode)."""
-    was = module.training
-    module.eval()
-    try:
-        yield
-    finally:
-        module.train(was)
 
 
 def batch_to(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
