@@ -11,7 +11,7 @@ export TOKENIZERS_PARALLELISM := false
 export WANDB_MODE ?= offline
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-slow lint format run bench clean
+.PHONY: help install test test-slow lint format run resume bench clean
 
 help: ## list the commands
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-10s %s\n", $$1, $$2}'
@@ -44,6 +44,10 @@ format: $(STAMP) ## apply ruff fixes and formatting
 
 run: $(STAMP) ## run an experiment: make run EXP=<name> ARGS="key=value ..." (default EXP=dynamic_conpet)
 	$(BIN)/conpet run $(EXP) $(ARGS)
+
+resume: $(STAMP) ## continue a killed run after its last finished task: make resume RUN=runs/<exp>/<run-id>
+	@test -n "$(RUN)" || { echo "usage: make resume RUN=runs/<experiment>/<run-id>"; exit 2; }
+	$(BIN)/conpet resume $(RUN)
 
 bench: $(STAMP) ## run the benchmarks in bench/ (writes bench/results/*.json)
 	$(BIN)/python -m bench.run_all

@@ -28,6 +28,18 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_resume(args: argparse.Namespace) -> int:
+    from conpet_lightning.loop import TaskLoop
+
+    loop = TaskLoop.resume(args.run_dir)
+    assert loop.finished is not None
+    done = len(loop.finished["per_task"])
+    print(f"[conpet] resuming {args.run_dir} after {done} finished task(s)", flush=True)
+    s = loop.run()["summary"]
+    print(f"[conpet] done: acc_macro={s.get('acc_macro')} acc_micro={s.get('acc_micro')} -> {args.run_dir}", flush=True)
+    return 0
+
+
 def _cmd_stats(args: argparse.Namespace) -> int:
     from conpet_lightning.data.benchmarks import load_benchmark
 
@@ -67,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("experiment")
     run.add_argument("overrides", nargs="*", help="key=value config overrides")
     run.set_defaults(func=_cmd_run)
+    resume = sub.add_parser("resume", help="continue a killed run from its folder, after its last finished task")
+    resume.add_argument("run_dir")
+    resume.set_defaults(func=_cmd_resume)
     data = sub.add_parser("data", help="data utilities").add_subparsers(dest="data_command", required=True)
     stats = data.add_parser("stats", help="per-task class and record counts of a benchmark")
     stats.add_argument("benchmark")

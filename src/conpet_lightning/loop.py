@@ -3,7 +3,10 @@
 For each task, for each stage the method declares, a fresh Trainer fits and the best epoch (by the stage's
 validation metric) is restored; then all seen tasks are tested.
 
-Run state (config, metrics, the accuracy matrix) is written after every task, so nothing finished is lost.
+Run state (config, metrics, the accuracy matrix, each stage's trained weights) is written after every task, so
+nothing finished is lost, and ``TaskLoop.resume`` continues a killed run at the first unfinished task: finished tasks
+are replayed without training (each stage's saved weights are loaded where its fit would have ended, and every
+task-end step such as memory selection or the EA-EMR alignment runs again on them), then training goes on.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import logging
 import os
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,13 +24,14 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only
+from omegaconf import OmegaConf
 
 from conpet_lightning.callbacks.base import TaskCallback
 from conpet_lightning.callbacks.continual_eval import ContinualEvalCallback
 from conpet_lightning.callbacks.continual_metrics import ContinualMetricsCallback
 from conpet_lightning.callbacks.dashboard import DashboardCallback
 from conpet_lightning.callbacks.progress import TaskProgressBar
-from conpet_lightning.config import ConfigError, RunConfig, to_yaml
+from conpet_lightning.config import ConfigError, RunConfig, to_yaml, validate
 from conpet_lightning.data.benchmarks import load_benchmark
 from conpet_lightning.data.datamodule import ContinualDataModule
 from conpet_lightning.data.records import Benchmark
@@ -78,6 +83,7 @@ def quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=".*`Trainer.fit` stopped.*")
+    warnings.filterwarnings("ignore", message=".*Checkpoint directory .* exists and is not empty.*")  # resume
 
 
 def is_rank_zero() -> bool:
@@ -104,6 +110,8 @@ class TaskLoop:
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.finished: dict[str, Any] | None = None
+        """The metrics.json of the tasks a resumed run already finished (``TaskLoop.resume``), else None."""
         if is_rank_zero():
             (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
         # built first, so that a bad logging.wandb_mode or eval.every_n_steps fails before anything loads
@@ -143,8 +151,30 @@ class TaskLoop:
         self.callbacks += [cb for cb in (self.continual_eval, self.dashboard) if cb is not None]
         self.reference = load_reference(cfg.eval.reference_run)
 
+    @classmethod
+    def resume(cls, run_dir: str | Path) -> TaskLoop:
+        """The loop of a killed run, from its folder: its own ``config.yaml``, continuing after its finished tasks.
+
+        Raises:
+            ConfigError: the folder has no config.yaml or metrics.json, or every task is already finished.
+        """
+        run_dir = Path(run_dir)
+        for name in ("config.yaml", "metrics.json"):
+            if not (run_dir / name).is_file():
+                raise ConfigError(f"cannot resume {run_dir}: it has no {name} (nothing finished to resume from)")
+        cfg = validate(OmegaConf.load(run_dir / "config.yaml"))
+        finished = json.loads((run_dir / "metrics.json").read_text())
+        done = len(finished.get("per_task", []))
+        loop = cls(cfg, run_dir)
+        if done >= loop.benchmark.num_tasks:
+            raise ConfigError(f"{run_dir} already finished all {done} tasks; nothing to resume")
+        loop.finished = finished
+        return loop
+
     # ----------------------------------------------------------------------------------------------- trainers
-    def make_trainer(self, task: int, stage: StageSpec | None, extra: list[L.Callback] | None = None) -> L.Trainer:
+    def make_trainer(
+        self, task: int, stage: StageSpec | None, extra: list[L.Callback] | None = None, max_epochs: int | None = None
+    ) -> L.Trainer:
         """A fresh Trainer; the persistent callbacks are the same objects every time."""
         t = self.cfg.train
         name = stage.name if stage else "test"
@@ -152,7 +182,7 @@ class TaskLoop:
             [TaskProgressBar(task, self.benchmark.num_tasks, name)] if self.cfg.logging.progress_bar else []
         )
         return L.Trainer(
-            max_epochs=stage.epochs if stage else 1,
+            max_epochs=max_epochs if max_epochs is not None else stage.epochs if stage else 1,
             accelerator=t.accelerator,
             devices=t.devices,
             strategy=t.strategy,
@@ -168,6 +198,12 @@ class TaskLoop:
             default_root_dir=str(self.run_dir),
             log_every_n_steps=10,
         )
+
+    def stage_state_path(self, task: int, stage: StageSpec) -> Path:
+        """Where the trained weights of a stage are kept (``checkpoints/task<k>/<stage>/final.pt``)."""
+        folder = self.run_dir / "checkpoints" / f"task{task + 1}" / stage.name
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder / "final.pt"
 
     def fit_stage(self, task: int, stage: StageSpec) -> dict[str, Any]:
         """Fit one stage and restore its best epoch (by ``stage.monitor``)."""
@@ -189,6 +225,8 @@ class TaskLoop:
         best = ckpt.best_model_path
         if best:
             self.method.restore_trainable(best)
+        if is_rank_zero():  # what the stage leaves behind (best or last epoch): what a resumed run reloads
+            torch.save({"state_dict": self.method.trainable_state()}, self.stage_state_path(task, stage))
         score = ckpt.best_model_score
         return {
             "seconds": round(seconds, 3),
@@ -218,8 +256,12 @@ class TaskLoop:
         try:
             for cb in self.callbacks:
                 cb.on_run_start(self)
+            done = len(self.finished["per_task"]) if self.finished else 0
             for task in range(self.benchmark.num_tasks):
-                self.run_task(task)
+                if task < done:
+                    self.replay_task(task)
+                else:
+                    self.run_task(task)
             metrics = self.write_metrics()
             for cb in self.callbacks:
                 cb.on_run_end(self, metrics)
@@ -229,26 +271,53 @@ class TaskLoop:
             if self.wandb_logger is not None:
                 self.wandb_logger.finish(exit_code=0 if finished else 1)
 
-    def run_task(self, task: int) -> None:
-        """All stages of one task, then its test."""
+    def train_task(self, task: int, fit: Callable[[StageSpec], dict[str, Any]]) -> dict[str, Any]:
+        """The lifecycle of one task up to its test: hooks around ``fit(stage)`` for every stage; per-stage records."""
         self.datamodule.set_task(task, self.method.train_scope)
         self.method.setup_task(task)
         for cb in self.callbacks:
             cb.on_task_start(self, task)
-        record: dict[str, Any] = {"task": task, "stages": {}}
+        stages: dict[str, Any] = {}
         for stage in self.method.stages(task):
             if stage.epochs <= 0:
                 continue
             self.method.setup_stage(task, stage)
             for cb in self.callbacks:
                 cb.on_stage_start(self, task, stage)
-            record["stages"][stage.name] = self.fit_stage(task, stage)
+            stages[stage.name] = fit(stage)
             self.method.end_stage(task, stage)
             for cb in self.callbacks:
                 cb.on_stage_end(self, task, stage)
         self.method.end_task(task)
         for cb in self.callbacks:
             cb.on_task_end(self, task)
+        return stages
+
+    def replay_task(self, task: int) -> None:
+        """Rebuild the state a finished task left (resume): its stages load their saved weights instead of training.
+
+        Each stage still gets a Trainer (with no epoch to run), so the hooks that record where training runs fire as
+        in a real fit; everything after it (memory selection, alignment, prototypes, freezing) runs again as it did.
+        """
+
+        def load(stage: StageSpec) -> dict[str, Any]:
+            path = self.stage_state_path(task, stage)
+            if not path.is_file():
+                raise ConfigError(f"cannot resume: {path} is missing (task {task + 1}, stage '{stage.name}')")
+            self.make_trainer(task, stage, max_epochs=0).fit(self.method, datamodule=self.datamodule)
+            self.method.restore_trainable(str(path))
+            return {}
+
+        self.train_task(task, load)
+        assert self.finished is not None
+        self.per_task.append(self.finished["per_task"][task])
+        self.metrics.restore_row(task, self.finished["accuracy_matrix"][task])
+        self.eval_curve.extend(e for e in self.finished.get("eval_curve", []) if e["task"] == task)
+
+    def run_task(self, task: int) -> None:
+        """All stages of one task, then its test."""
+        record: dict[str, Any] = {"task": task}
+        record["stages"] = self.train_task(task, lambda stage: self.fit_stage(task, stage))
         record["train_seconds"] = round(sum(s["seconds"] for s in record["stages"].values()), 3)
         record["train_steps"] = sum(s["steps"] for s in record["stages"].values())
         record["train_data"] = self.datamodule.train_plan_info

@@ -55,6 +55,12 @@ class ContinualMetricsCallback(L.Callback):
         pl_module.log("test/acc_macro", float(result["macro"]))
         pl_module.log("test/acc_micro", float(result["micro"]))
 
+    def restore_row(self, task: int, row: list[float | None]) -> None:
+        """Put back row ``task`` of R from a finished run's metrics.json (resume)."""
+        while len(self.R) <= task:
+            self.R.append([None] * self.num_tasks)
+        self.R[task] = [*row, *[None] * (self.num_tasks - len(row))]
+
     def state_dict(self) -> dict[str, Any]:
         """R so far, for resuming."""
         return {"R": self.R}

@@ -150,6 +150,11 @@ class ContinualMethod(L.LightningModule, ABC):
         t = self.cfg.train
         return torch.optim.AdamW(params, lr=t.lr_for(self.task), weight_decay=t.weight_decay, eps=t.adam_eps)
 
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """The tensors this stage trains (the frozen backbone and frozen experts never change)."""
+        trainable = {n for n, p in self.named_parameters() if p.requires_grad}
+        return {k: v.detach().cpu().clone() for k, v in self.state_dict().items() if k in trainable}
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Keep only what this stage trains: the frozen backbone and frozen experts never change."""
         trainable = {n for n, p in self.named_parameters() if p.requires_grad}

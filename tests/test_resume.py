@@ -1,0 +1,51 @@
+"""A killed run resumes after its last finished task and ends exactly where an uninterrupted run ends."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conpet_lightning.callbacks.base import TaskCallback
+from conpet_lightning.cli import main
+from conpet_lightning.config import ConfigError
+from conpet_lightning.loop import TaskLoop
+from tests.helpers import tiny_loop
+
+
+class Kill(TaskCallback):
+    """Stops the run when task ``at`` (0-based) starts, as a killed process would."""
+
+    def __init__(self, at: int) -> None:
+        self.at = at
+
+    def on_task_start(self, loop, task):
+        if task == self.at:
+            raise KeyboardInterrupt(f"killed at task {task + 1}")
+
+
+@pytest.mark.parametrize("experiment", ["dynamic_conpet", "emr", "eaemr_star", "crl"])
+def test_resumed_run_matches_an_uninterrupted_one(tmp_path, experiment):
+    whole = tiny_loop(experiment, tmp_path / "whole", num_tasks=3).run()
+
+    killed = tiny_loop(experiment, tmp_path / "killed", num_tasks=3)
+    killed.callbacks.insert(0, Kill(at=2))
+    with pytest.raises(KeyboardInterrupt):
+        killed.run()
+    saved = json.loads((killed.run_dir / "metrics.json").read_text())
+    assert len(saved["per_task"]) == 2  # tasks 1-2 were on disk when the run died
+
+    out = TaskLoop.resume(killed.run_dir).run()
+    assert out["accuracy_matrix"] == whole["accuracy_matrix"]
+    assert [t["train_steps"] for t in out["per_task"]] == [t["train_steps"] for t in whole["per_task"]]
+    assert out["per_task"][:2] == saved["per_task"]  # finished tasks keep their records
+    assert json.loads((killed.run_dir / "metrics.json").read_text())["accuracy_matrix"] == out["accuracy_matrix"]
+
+
+def test_resume_refuses_a_finished_run_and_a_folder_without_results(tmp_path, capsys):
+    loop = tiny_loop("naive", tmp_path, num_tasks=1)
+    loop.run()
+    with pytest.raises(ConfigError, match="nothing to resume"):
+        TaskLoop.resume(loop.run_dir)
+    assert main(["resume", str(tmp_path / "nowhere")]) == 2
+    assert "has no config.yaml" in capsys.readouterr().err
