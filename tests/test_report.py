@@ -141,3 +141,20 @@ def test_summary_mismatches_handles_not_applicable() -> None:
     run = {"summary": {"bwt": 1.0, "acc_macro": 50.0, "forgetting": None}}
     assert summary_mismatches(run, recomputed) == ["bwt", "forgetting"]
     assert summary_mismatches({"summary": {"bwt": None, "acc_macro": "50"}}, recomputed) == ["acc_macro"]
+
+
+def test_conpet_report_on_two_real_runs_agrees_with_their_metrics(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from conpet_lightning.cli import main
+    from tests.helpers import tiny_loop
+
+    runs = [tiny_loop(name, tmp_path / name, num_tasks=2) for name in ("naive", "joint")]
+    stored = [loop.run() for loop in runs]
+    dirs = [str(loop.run_dir) for loop in runs]
+    assert main(["report", *dirs, "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    for row, metrics in zip(rows, stored, strict=True):
+        assert row["mismatches"] == []
+        assert row["summary"] == {k: metrics["summary"][k] for k in SUMMARY_KEYS}
+    assert main(["report", *dirs, "--no-figures"]) == 0
+    table = capsys.readouterr().out
+    assert "naive" in table and "joint" in table and table.count("|") > 10
