@@ -143,7 +143,7 @@ def test_summary_mismatches_handles_not_applicable() -> None:
     assert summary_mismatches({"summary": {"bwt": None, "acc_macro": "50"}}, recomputed) == ["acc_macro"]
 
 
-def test_conpet_report_on_two_real_runs_agrees_with_their_metrics(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_report_on_two_real_runs_agrees_with_their_metrics(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     from conpet_lightning.cli import main
     from tests.helpers import tiny_loop
 
