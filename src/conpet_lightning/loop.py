@@ -114,7 +114,6 @@ class TaskLoop:
         """The metrics.json of the tasks a resumed run already finished (``TaskLoop.resume``), else None."""
         if is_rank_zero():
             (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
-        # built first, so that a bad logging.wandb_mode or eval.every_n_steps fails before anything loads
         self.wandb_logger: RunWandbLogger | None = build_wandb_logger(cfg, self.run_dir)
         """One W&B logger for the run (``logging.wandb``), passed to every Trainer (``reporting.wandb_logger``)."""
         every = cfg.eval.every_n_steps

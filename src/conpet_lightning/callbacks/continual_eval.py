@@ -39,7 +39,6 @@ import lightning as L
 import torch
 
 from conpet_lightning.callbacks.base import TaskCallback
-from conpet_lightning.config import ConfigError
 from conpet_lightning.methods.static.common import batch_to
 from conpet_lightning.metrics.task_accuracy import TaskAccuracy
 
@@ -70,9 +69,8 @@ class ContinualEvalCallback(TaskCallback):
     """Appends all-seen-task test accuracies to ``loop.eval_curve``; see the module docstring."""
 
     def __init__(self, every_n_steps: int) -> None:
-        if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1:
-            raise ConfigError(f"eval.every_n_steps must be a positive integer or null, got {every_n_steps!r}")
         self.every_n_steps = every_n_steps
+        """N (> 0; the config validates ``eval.every_n_steps``)."""
         self.loop: TaskLoop | None = None
         self.skip: str | None = None
         self.in_last_stage = False

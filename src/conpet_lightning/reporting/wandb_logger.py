@@ -21,7 +21,7 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import OmegaConf
 
-from conpet_lightning.config import WANDB_MODES, ConfigError, RunConfig
+from conpet_lightning.config import RunConfig
 
 
 class RunWandbLogger(WandbLogger):
@@ -89,14 +89,11 @@ def config_dict(cfg: RunConfig) -> dict[str, Any]:
 def build_wandb_logger(cfg: RunConfig, run_dir: str | Path) -> RunWandbLogger | None:
     """The run's W&B logger when ``logging.wandb`` is true (else None); the W&B run starts on first use.
 
-    Raises:
-        ConfigError: ``logging.wandb_mode`` is not one of ``WANDB_MODES``.
+    ``logging.wandb_mode`` was checked by ``config.validate``.
     """
     log = cfg.logging
     if not log.wandb:
         return None
-    if log.wandb_mode not in WANDB_MODES:
-        raise ConfigError(f"logging.wandb_mode must be one of {WANDB_MODES}, not {log.wandb_mode!r}")
     run_dir = Path(run_dir)
     return RunWandbLogger(
         save_dir=str(run_dir),
