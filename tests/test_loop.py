@@ -9,13 +9,18 @@ from conpet_lightning.cli import main
 from tests.helpers import TINY, tiny_loop
 
 
+def _reject_non_json(name: str) -> None:
+    raise AssertionError(f"metrics.json holds {name}, which strict JSON readers (jq, JavaScript) reject")
+
+
 def test_naive_run_writes_the_run_folder(tmp_path):
     loop = tiny_loop("naive", tmp_path, num_tasks=3)
     out = loop.run()
     run = loop.run_dir
     assert (run / "config.yaml").read_text().count("naive") >= 1
-    saved = json.loads((run / "metrics.json").read_text())
+    saved = json.loads((run / "metrics.json").read_text(), parse_constant=_reject_non_json)
     assert saved == json.loads(json.dumps(out))
+    assert saved["per_task"][0]["test"]["per_task"][1:] == [None, None]  # tasks not seen yet: null, not NaN
     R = saved["accuracy_matrix"]
     assert len(R) == 3 and all(len(row) == 3 for row in R)
     assert all(R[i][j] is None for i in range(3) for j in range(3) if j > i)

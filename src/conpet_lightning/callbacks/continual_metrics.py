@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import lightning as L
@@ -51,7 +52,7 @@ class ContinualMetricsCallback(L.Callback):
         while len(self.R) <= self.task:
             self.R.append([None] * self.num_tasks)
         self.R[self.task] = row
-        self.last = {k: (v.tolist() if torch.is_tensor(v) else v) for k, v in result.items()}
+        self.last = {k: _json_safe(v.tolist() if torch.is_tensor(v) else v) for k, v in result.items()}
         pl_module.log("test/acc_macro", float(result["macro"]))
         pl_module.log("test/acc_micro", float(result["micro"]))
 
@@ -68,3 +69,12 @@ class ContinualMetricsCallback(L.Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore R."""
         self.R = state_dict["R"]
+
+
+def _json_safe(value: Any) -> Any:
+    """NaN (the accuracy of a task with no test sample yet) becomes None, so metrics.json stays strict JSON."""
+    if isinstance(value, list):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    return value
