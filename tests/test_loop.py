@@ -80,7 +80,10 @@ def test_cli_unknown_key_is_a_clean_error(capsys):
 def test_cli_run_and_stats(tmp_path, capsys):
     args = ["run", "naive", *TINY, "data.num_tasks=1", f"output_dir={tmp_path}", "run_id=r1"]
     assert main(args) == 0
-    assert (tmp_path / "naive" / "r1" / "metrics.json").is_file()
+    saved = json.loads((tmp_path / "naive" / "r1" / "metrics.json").read_text())
+    out = capsys.readouterr().out
+    assert f"[conpet] task 1/1: acc_macro={saved['summary']['acc_macro']:.2f}" in out
+    assert f"[conpet] done: acc_macro={saved['summary']['acc_macro']:.2f}" in out
     assert main(args) == 2  # the same run folder is never overwritten
     assert "already holds results" in capsys.readouterr().err
     assert main(["data", "stats", "banking77", "--json"]) == 0

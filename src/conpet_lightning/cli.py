@@ -23,9 +23,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
         raise ConfigError(f"run folder {run_dir} already holds results; pick another run_id")
     print(f"[conpet] experiment={cfg.experiment} benchmark={cfg.data.benchmark} -> {run_dir}", flush=True)
     out = TaskLoop(cfg, run_dir).run()
-    s = out["summary"]
-    print(f"[conpet] done: acc_macro={s.get('acc_macro')} acc_micro={s.get('acc_micro')} -> {run_dir}", flush=True)
+    print(_done_line(out["summary"], run_dir), flush=True)
     return 0
+
+
+def _done_line(summary: dict, run_dir: Path | str) -> str:
+    """The last line of a run: its final accuracies and where the results are."""
+    return f"[conpet] done: acc_macro={summary['acc_macro']:.2f} acc_micro={summary['acc_micro']:.2f} -> {run_dir}"
 
 
 def _cmd_resume(args: argparse.Namespace) -> int:
@@ -35,8 +39,7 @@ def _cmd_resume(args: argparse.Namespace) -> int:
     assert loop.finished is not None
     done = len(loop.finished["per_task"])
     print(f"[conpet] resuming {args.run_dir} after {done} finished task(s)", flush=True)
-    s = loop.run()["summary"]
-    print(f"[conpet] done: acc_macro={s.get('acc_macro')} acc_micro={s.get('acc_micro')} -> {args.run_dir}", flush=True)
+    print(_done_line(loop.run()["summary"], args.run_dir), flush=True)
     return 0
 
 

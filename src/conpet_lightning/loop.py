@@ -330,6 +330,13 @@ class TaskLoop:
             record.update(self.method.task_record(task))
         self.per_task.append(record)
         self.write_metrics()
+        if is_rank_zero():  # one line per task, so a run without a progress bar (a log file, CI) shows where it is
+            test = record["test"]
+            print(
+                f"[conpet] task {task + 1}/{self.benchmark.num_tasks}: acc_macro={test['macro']:.2f} "
+                f"acc_micro={test['micro']:.2f} train {record['train_seconds']:.0f} s, {record['train_steps']} steps",
+                flush=True,
+            )
         for cb in self.callbacks:
             cb.on_task_evaluated(self, task)
 
