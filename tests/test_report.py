@@ -150,6 +150,7 @@ def test_report_on_two_real_runs_agrees_with_their_metrics(tmp_path: Path, capsy
     runs = [tiny_loop(name, tmp_path / name, num_tasks=2) for name in ("naive", "joint")]
     stored = [loop.run() for loop in runs]
     dirs = [str(loop.run_dir) for loop in runs]
+    capsys.readouterr()  # drop the runs' own per-task console lines
     assert main(["report", *dirs, "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     for row, metrics in zip(rows, stored, strict=True):
