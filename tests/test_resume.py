@@ -49,3 +49,30 @@ def test_resume_refuses_a_finished_run_and_a_folder_without_results(tmp_path, ca
         TaskLoop.resume(loop.run_dir)
     assert main(["resume", str(tmp_path / "nowhere")]) == 2
     assert "has no config.yaml" in capsys.readouterr().err
+
+
+def test_sigterm_exits_nonzero_and_the_run_resumes(tmp_path, monkeypatch, capsys):
+    """Lightning turns SIGTERM into a SystemExit with no code (status 0); conpet must not report it as success."""
+    import os
+    import signal
+
+    from conpet_lightning.methods.shared import NaiveModule
+    from tests.helpers import TINY
+
+    original = NaiveModule.training_step
+
+    def terminated(self, batch, batch_idx):
+        if self.task == 1 and batch_idx == 0:
+            os.kill(os.getpid(), signal.SIGTERM)  # as `kill <pid>` or a scheduler's preemption would
+        return original(self, batch, batch_idx)
+
+    monkeypatch.setattr(NaiveModule, "training_step", terminated)
+    args = ["run", "naive", *TINY, "data.num_tasks=2", f"output_dir={tmp_path}", "run_id=r"]
+    assert main(args) == 128 + signal.SIGTERM
+    run_dir = tmp_path / "naive" / "r"
+    assert f"conpet resume {run_dir}" in capsys.readouterr().err
+    assert len(json.loads((run_dir / "metrics.json").read_text())["per_task"]) == 1  # task 1 is kept
+
+    monkeypatch.setattr(NaiveModule, "training_step", original)
+    assert main(["resume", str(run_dir)]) == 0
+    assert len(json.loads((run_dir / "metrics.json").read_text())["accuracy_matrix"]) == 2

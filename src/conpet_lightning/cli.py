@@ -5,12 +5,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from conpet_lightning.config import ConfigError, load_config
 from conpet_lightning.data.records import DataError
+
+if TYPE_CHECKING:
+    from conpet_lightning.loop import TaskLoop
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -22,9 +27,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if (run_dir / "metrics.json").exists():
         raise ConfigError(f"run folder {run_dir} already holds results; pick another run_id")
     print(f"[conpet] experiment={cfg.experiment} benchmark={cfg.data.benchmark} -> {run_dir}", flush=True)
-    out = TaskLoop(cfg, run_dir).run()
-    print(_done_line(out["summary"], run_dir), flush=True)
-    return 0
+    return _run_to_end(TaskLoop(cfg, run_dir))
 
 
 def _done_line(summary: dict, run_dir: Path | str) -> str:
@@ -39,7 +42,28 @@ def _cmd_resume(args: argparse.Namespace) -> int:
     assert loop.finished is not None
     done = len(loop.finished["per_task"])
     print(f"[conpet] resuming {args.run_dir} after {done} finished task(s)", flush=True)
-    print(_done_line(loop.run()["summary"], args.run_dir), flush=True)
+    return _run_to_end(loop)
+
+
+def _run_to_end(loop: TaskLoop) -> int:
+    """Run the loop and print the done line; a SIGTERM ends it with exit code 143 and says how to continue.
+
+    Lightning turns SIGTERM into ``SIGTERMException``, a ``SystemExit`` with no code, so without this a killed run
+    would exit with status 0 as if it had finished.
+    """
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    try:
+        out = loop.run()
+    except SIGTERMException:
+        print(
+            f"conpet: stopped by SIGTERM after {len(loop.per_task)} finished task(s); their results are in "
+            f"{loop.run_dir}. Continue with: conpet resume {loop.run_dir}",
+            file=sys.stderr,
+            flush=True,
+        )
+        return 128 + signal.SIGTERM
+    print(_done_line(out["summary"], loop.run_dir), flush=True)
     return 0
 
 
