@@ -8,7 +8,8 @@ it (``selector: false``) every sample goes through every expert.
 
 Frozen things are computed once: old experts' head outputs are cached by (expert, sample key). Samples routed only
 to frozen experts add a constant to the loss and no gradient, so with ``skip_frozen`` they never enter the trainable
-forward pass (exact).
+forward pass: the same loss and gradients as a function of the parameters. Two runs with and without it still drift
+apart when the backbone has dropout, because the skipped rows no longer draw dropout masks (the random stream shifts).
 """
 
 from __future__ import annotations
@@ -48,7 +49,8 @@ class DynamicConPETConfig:
     gives the new task half of every batch, so an unadjusted selector over-routes to the newest task; 0 = ConPET."""
     null_expert_logit: float = -100.0
     skip_frozen: bool = True
-    """Serve samples routed only to frozen experts from the cache instead of the trainable forward (exact)."""
+    """Serve samples routed only to frozen experts from the cache instead of the trainable forward (same loss and
+    gradients; with backbone dropout, different random masks)."""
 
 
 INIT_SELECTOR = ("from_prev_expert", "from_prev_selector", "fresh")
