@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 
 import pytest
 
@@ -10,7 +12,8 @@ from conpet_lightning.callbacks.base import TaskCallback
 from conpet_lightning.cli import main
 from conpet_lightning.config import ConfigError
 from conpet_lightning.loop import TaskLoop
-from tests.helpers import tiny_loop
+from conpet_lightning.methods.shared import NaiveModule
+from tests.helpers import TINY, tiny_loop
 
 
 class Kill(TaskCallback):
@@ -53,12 +56,6 @@ def test_resume_refuses_a_finished_run_and_a_folder_without_results(tmp_path, ca
 
 def test_sigterm_exits_nonzero_and_the_run_resumes(tmp_path, monkeypatch, capsys):
     """Lightning turns SIGTERM into a SystemExit with no code (status 0); conpet must not report it as success."""
-    import os
-    import signal
-
-    from conpet_lightning.methods.shared import NaiveModule
-    from tests.helpers import TINY
-
     original = NaiveModule.training_step
 
     def terminated(self, batch, batch_idx):
