@@ -37,6 +37,12 @@ class DataConfig:
     max_test_per_class: int | None = None
     num_tasks: int | None = None
     """Run only the first N tasks of the sequence (smoke tests, quick looks)."""
+    task_order: Any = None
+    """Order of the tasks: null = the benchmark's, a permutation of 0..T-1, or ``"perm:<seed>"`` (seeded shuffle).
+
+    Typed ``Any`` because OmegaConf has no list-or-string union; ``data.benchmarks.resolve_task_order`` checks it.
+    Applied before ``num_tasks``, so ``num_tasks=2`` runs the first two tasks of the new order.
+    """
     template_filter: int | None = 50
     """Drop training examples whose template part has more than this many words (ConPET); None = keep all."""
     eval_batch_size: int = 32
@@ -110,6 +116,8 @@ class LoggingConfig:
     wandb: bool = False
     wandb_mode: str = "offline"
     wandb_project: str = "conpet-lightning"
+    wandb_group: str | None = None
+    """W&B group of the run (a sweep sets its name, so all its runs show together); None = the experiment name."""
     progress_bar: bool = True
 
 
@@ -262,9 +270,25 @@ def validate(raw: DictConfig | dict[str, Any]) -> RunConfig:
         raise ConfigError("method.name is required")
     if cfg.logging.wandb_mode not in WANDB_MODES:
         raise ConfigError(f"logging.wandb_mode must be one of {WANDB_MODES}, not {cfg.logging.wandb_mode!r}")
+    check_task_order_spec(cfg.data.task_order)
     if cfg.eval.every_n_steps is not None and cfg.eval.every_n_steps < 1:
         raise ConfigError(f"eval.every_n_steps must be a positive integer or null, got {cfg.eval.every_n_steps}")
     return cfg
+
+
+def check_task_order_spec(spec: Any) -> None:
+    """Fail before any data loads when ``data.task_order`` has the wrong shape (the length is checked on load)."""
+    if spec is None:
+        return
+    if isinstance(spec, str):
+        head, _, seed = spec.partition(":")
+        if head == "perm" and seed.strip().lstrip("-").isdigit():
+            return
+    elif isinstance(spec, list | tuple) and all(isinstance(t, int) and not isinstance(t, bool) for t in spec):
+        return
+    raise ConfigError(
+        f"data.task_order must be null, a list of task indices (e.g. [2,0,1]) or 'perm:<seed>', got {spec!r}"
+    )
 
 
 def check_options(cls: type, options: dict[str, Any], where: str) -> Any:

@@ -32,7 +32,7 @@ from conpet_lightning.callbacks.continual_metrics import ContinualMetricsCallbac
 from conpet_lightning.callbacks.dashboard import DashboardCallback
 from conpet_lightning.callbacks.progress import TaskProgressBar
 from conpet_lightning.config import ConfigError, RunConfig, to_yaml, validate
-from conpet_lightning.data.benchmarks import load_benchmark
+from conpet_lightning.data.benchmarks import load_benchmark, resolve_task_order
 from conpet_lightning.data.datamodule import ContinualDataModule
 from conpet_lightning.data.records import Benchmark
 from conpet_lightning.methods.base import ContinualMethod, StageSpec
@@ -51,6 +51,7 @@ def build_benchmark(cfg: RunConfig) -> Benchmark:
     bench = load_benchmark(
         d.benchmark, root=root, seed=d.split_seed, local_path=d.local_path, conpet_dataset=d.conpet_dataset
     )
+    bench = bench.reordered(resolve_task_order(d.task_order, bench.num_tasks))
     bench = bench.capped(train=d.max_train_per_class, valid=d.max_valid_per_class, test=d.max_test_per_class, seed=0)
     if d.num_tasks is not None:
         keep = d.num_tasks

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+import numpy as np
+
+from conpet_lightning.config import ConfigError, check_task_order_spec
 from conpet_lightning.data.readers.conpet_json import TASK_TYPES, load_conpet_json
 from conpet_lightning.data.readers.fewnerd import load_fewnerd
 from conpet_lightning.data.readers.fewrel import load_fewrel
@@ -68,3 +72,29 @@ def load_benchmark(
     if conpet_dataset is None:
         raise DataError(f"benchmark 'conpet_json' needs conpet_dataset, one of {', '.join(sorted(TASK_TYPES))}")
     return BENCHMARKS[name](root=root, local_path=local_path, dataset=conpet_dataset)
+
+
+def resolve_task_order(spec: Any, num_tasks: int) -> list[int]:
+    """The task order that ``data.task_order`` names, as a permutation of ``0..num_tasks-1``.
+
+    ``None`` is the benchmark's own order; a list is taken as given; ``"perm:<seed>"`` is a seeded shuffle
+    (``numpy.random.default_rng(seed).permutation``), the same on every machine, so a sweep's orders are reproducible.
+
+    Raises:
+        ConfigError: a spec of another shape, or a list that is not a permutation of all task indices.
+    """
+    check_task_order_spec(spec)
+    if spec is None:
+        return list(range(num_tasks))
+    if isinstance(spec, str):
+        seed = int(spec.partition(":")[2])
+        if seed < 0:
+            raise ConfigError(f"data.task_order={spec!r}: the permutation seed must be >= 0")
+        return [int(t) for t in np.random.default_rng(seed).permutation(num_tasks)]
+    order = [int(t) for t in spec]
+    if sorted(order) != list(range(num_tasks)):
+        raise ConfigError(
+            f"data.task_order={order} must list each task index 0..{num_tasks - 1} exactly once "
+            f"(the benchmark has {num_tasks} tasks)"
+        )
+    return order

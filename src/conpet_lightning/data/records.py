@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import numpy as np
@@ -112,6 +112,20 @@ class Benchmark:
                 raise ValueError(f"cap for part {part!r} must be >= 0, got {cap}")
             parts[part] = [_cap_per_class(records, cap, (seed, part_index)) for records in per_task]
         return Benchmark(self.name, self.task_type, list(self.label_names), [list(t) for t in self.tasks], parts)
+
+    def reordered(self, order: list[int]) -> Benchmark:
+        """A copy whose task ``i`` is this benchmark's task ``order[i]`` (a permutation of all task indices).
+
+        Records move with their task and get its new index in ``task`` (every consumer indexes by it); labels,
+        label names and keys stay, so class ids and per-sample caches mean the same under any order.
+        """
+        if sorted(order) != list(range(self.num_tasks)):
+            raise ValueError(f"{self.name}: task order {order} is not a permutation of 0..{self.num_tasks - 1}")
+        parts = {
+            part: [[replace(r, task=new) for r in per_task[old]] for new, old in enumerate(order)]
+            for part, per_task in self.parts.items()
+        }
+        return Benchmark(self.name, self.task_type, list(self.label_names), [list(self.tasks[o]) for o in order], parts)
 
     def validate(self) -> None:
         """Check the invariants every consumer relies on; raise `DataError` naming the first problem found.

@@ -99,7 +99,7 @@ def build_wandb_logger(cfg: RunConfig, run_dir: str | Path) -> RunWandbLogger | 
         save_dir=str(run_dir),
         project=log.wandb_project,
         name=f"{cfg.experiment}-{run_dir.name}",
-        group=cfg.experiment,
+        group=log.wandb_group or cfg.experiment,
         job_type="continual",
         mode=log.wandb_mode,
         config=config_dict(cfg),
