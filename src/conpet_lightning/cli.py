@@ -91,11 +91,36 @@ def _cmd_report(args: argparse.Namespace) -> int:
     from conpet_lightning.reporting.figures import render_run_figures
     from conpet_lightning.reporting.report import report
 
+    if args.group_by or args.compare:
+        from conpet_lightning.reporting.aggregate import report_aggregate
+
+        fields = [f.strip() for f in (args.group_by or "experiment,benchmark").split(",") if f.strip()]
+        compare = tuple(args.compare) if args.compare else None
+        print(report_aggregate(args.run_dirs, fields, compare, as_json=args.json), end="")
+        return 0
     print(report(args.run_dirs, as_json=args.json))
     if not args.no_figures:
         for run_dir in args.run_dirs:
             render_run_figures(run_dir)
     return 0
+
+
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    """Run, dry-run or export a sweep; exit 1 when a point failed (the index says which)."""
+    from conpet_lightning.sweep import emit, lane_threads, load_sweep, run_sweep
+
+    sweep = load_sweep(args.sweep_file)
+    if args.emit:
+        print(f"[sweep] wrote {emit(sweep, args.emit, args.out)} ({len(sweep.points)} grid points)")
+        return 0
+    only = None
+    if args.point is not None:
+        if not 0 <= args.point < len(sweep.points):
+            raise ConfigError(f"--point {args.point} is outside the grid 0..{len(sweep.points) - 1}")
+        only = [args.point]
+    print(f"[sweep] {args.lanes} lane(s), train.num_threads={lane_threads(args.lanes)} per run", flush=True)
+    statuses = run_sweep(sweep, lanes=args.lanes, dry_run=args.dry_run, only=only)
+    return 1 if "failed" in statuses.values() else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -119,10 +144,22 @@ def build_parser() -> argparse.ArgumentParser:
     stats.add_argument("--conpet-dataset", default=None)
     stats.set_defaults(func=_cmd_stats)
     rep = sub.add_parser("report", help="recompute summaries and figures of run folders and compare them")
-    rep.add_argument("run_dirs", nargs="+")
+    rep.add_argument("run_dirs", nargs="+", help="run folders, globs, or a sweep folder / its index.json")
     rep.add_argument("--json", action="store_true")
     rep.add_argument("--no-figures", action="store_true", help="do not re-render the PNG figures")
+    rep.add_argument(
+        "--group-by", default=None, help="aggregate over seeds/orders by fields, e.g. experiment,benchmark or train.lr"
+    )
+    rep.add_argument("--compare", nargs=2, metavar=("A", "B"), help="paired difference A - B by benchmark/seed/order")
     rep.set_defaults(func=_cmd_report)
+    swp = sub.add_parser("sweep", help="run a grid of experiments x benchmarks x seeds x task orders (resumable)")
+    swp.add_argument("sweep_file")
+    swp.add_argument("--lanes", type=int, default=1, help="runs at a time; each gets cores // lanes threads")
+    swp.add_argument("--dry-run", action="store_true", help="print each point's command and status, run nothing")
+    swp.add_argument("--point", type=int, default=None, help="run only grid point I (a job-array task)")
+    swp.add_argument("--emit", choices=("slurm", "wandb"), help="write a SLURM array script or a W&B sweep config")
+    swp.add_argument("--out", default=None, help="where --emit writes (default: in the sweep folder)")
+    swp.set_defaults(func=_cmd_sweep)
     return parser
 
 

@@ -1,0 +1,158 @@
+"""``conpet report --group-by`` / ``--compare``: golden values computed by hand on synthetic run folders.
+
+Hand computations used below (t quantiles: t(0.975, 2) = 4.302652729911275, t(0.975, 1) = 12.706204736174704):
+- A's acc_macro over seeds 100/200/300 = 10, 20, 30: mean 20, std 10, 95 % CI 20 ± 4.302653 * 10 / sqrt(3).
+- A - B with B = 8, 15, 25: differences 2, 5, 5: mean 4, std sqrt(3), standard error 1, t = 4 on 2 df; the two-sided
+  p of Student's t with 2 df is 1 - t / sqrt(t^2 + 2) = 1 - 4 / sqrt(18); CI 4 ± 4.302653.
+- Six pairs with differences 1..6 (all positive): the exact Wilcoxon signed-rank p is 2 / 2^6 = 0.03125.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conpet_lightning.cli import main
+from conpet_lightning.reporting.aggregate import collect_runs, compare, describe, paired, report_aggregate
+
+T2 = 4.302652729911275
+
+
+def make_run(
+    root: Path,
+    experiment: str,
+    seed: int,
+    acc: float,
+    *,
+    benchmark: str = "fewrel",
+    order: object = None,
+    lr: float = 2e-3,
+    tasks: int = 2,
+    done: int | None = None,
+    steps: int = 40,
+) -> Path:
+    """A run folder with the files aggregation reads: metrics.json (summary, per_task budget) and config.yaml."""
+    done = tasks if done is None else done
+    folder = root / experiment / f"{benchmark}-{order or 'default'}-s{seed}-lr{lr}"
+    folder.mkdir(parents=True)
+    metrics = {
+        "experiment": experiment,
+        "run_id": folder.name,
+        "benchmark": benchmark,
+        "seed": seed,
+        "tasks": [{"classes": [t], "n_test": 10} for t in range(tasks)],
+        "accuracy_matrix": [[acc] * (i + 1) + [None] * (tasks - i - 1) for i in range(done)],
+        "summary": {"acc_macro": acc, "bwt": -acc / 10, "fwt": None},
+        "per_task": [{"task": t, "train_steps": steps, "train_seconds": 1.5} for t in range(done)],
+    }
+    (folder / "metrics.json").write_text(json.dumps(metrics))
+    config = {"experiment": experiment, "seed": seed, "data": {"benchmark": benchmark, "task_order": order}}
+    config["train"] = {"lr": lr}
+    (folder / "config.yaml").write_text(yaml.safe_dump(config))
+    return folder
+
+
+@pytest.fixture
+def runs_root(tmp_path: Path) -> Path:
+    for seed, a, b in [(100, 10.0, 8.0), (200, 20.0, 15.0), (300, 30.0, 25.0)]:
+        make_run(tmp_path, "emr_star", seed, a)
+        make_run(tmp_path, "emr", seed, b)
+    make_run(tmp_path, "emr", 400, 99.0)  # unpaired: emr_star has no seed 400
+    make_run(tmp_path, "emr_star", 400, 99.0, done=1)  # unfinished: left out everywhere
+    return tmp_path
+
+
+def test_describe_golden():
+    s = describe([10.0, 20.0, 30.0])
+    assert s["n"] == 3 and s["mean"] == pytest.approx(20.0) and s["std"] == pytest.approx(10.0)
+    half = T2 * 10 / math.sqrt(3)
+    assert s["ci_low"] == pytest.approx(20 - half) and s["ci_high"] == pytest.approx(20 + half)
+    one = describe([7.0])
+    assert one["mean"] == 7.0 and one["std"] is None and one["ci_low"] is None
+    two = describe([1.0, 3.0])  # std sqrt(2), se 1, t(0.975, 1)
+    assert two["ci_high"] == pytest.approx(2 + 12.706204736174704)
+
+
+def test_paired_golden():
+    s = paired([10.0, 20.0, 30.0], [8.0, 15.0, 25.0])
+    assert s["n"] == 3 and s["diff_mean"] == pytest.approx(4.0) and s["diff_std"] == pytest.approx(math.sqrt(3))
+    assert s["diff_ci_low"] == pytest.approx(4 - T2) and s["diff_ci_high"] == pytest.approx(4 + T2)
+    assert s["p_ttest"] == pytest.approx(1 - 4 / math.sqrt(18))
+    assert s["p_wilcoxon"] is None  # fewer than 6 pairs
+    assert s["mean_a"] == pytest.approx(20.0) and s["mean_b"] == pytest.approx(16.0)
+    six = paired([float(i) for i in range(1, 7)], [0.0] * 6)
+    assert six["p_wilcoxon"] == pytest.approx(2 / 2**6)
+    assert paired([1.0, 2.0], [0.0, 1.0])["p_ttest"] is None  # identical differences: no spread, no test
+
+
+def test_group_by_experiment_and_benchmark(runs_root):
+    result = json.loads(report_aggregate([runs_root / "*" / "*"], ["experiment", "benchmark"], as_json=True))
+    groups = {g["label"]: g for g in result["groups"]}
+    assert set(groups) == {"emr_star/fewrel", "emr/fewrel"}
+    star = groups["emr_star/fewrel"]
+    assert star["n_runs"] == 3 and star["seeds"] == [100, 200, 300]  # the unfinished seed 400 is left out
+    acc = star["metrics"]["acc_macro"]
+    assert acc["mean"] == pytest.approx(20.0) and acc["std"] == pytest.approx(10.0)
+    assert acc["ci_low"] == pytest.approx(20 - T2 * 10 / math.sqrt(3))
+    assert star["metrics"]["bwt"]["mean"] == pytest.approx(-2.0)
+    assert "fwt" not in star["metrics"]  # a metric no run has is not a row
+    assert star["metrics"]["budget.train_steps"]["mean"] == pytest.approx(80.0)  # 2 tasks x 40 steps
+    assert groups["emr/fewrel"]["metrics"]["acc_macro"]["n"] == 4
+    assert any("not finished" in note for note in result["notes"])
+
+
+def test_group_by_a_config_key(tmp_path):
+    for seed, lr, acc in [(100, 1e-3, 10.0), (200, 1e-3, 14.0), (100, 2e-3, 30.0)]:
+        make_run(tmp_path, "naive", seed, acc, lr=lr, order=f"perm:{seed}")
+    runs, _ = collect_runs([tmp_path / "naive" / "*"])
+    groups = json.loads(report_aggregate([tmp_path / "naive" / "*"], ["train.lr"], as_json=True))["groups"]
+    by_lr = {g["group"]["train.lr"]: g["metrics"]["acc_macro"]["mean"] for g in groups}
+    assert by_lr == {0.001: pytest.approx(12.0), 0.002: pytest.approx(30.0)}
+    assert {r.task_order for r in runs} == {"perm:100", "perm:200"}
+
+
+def test_compare_pairs_by_benchmark_seed_and_order(runs_root):
+    make_run(runs_root, "emr_star", 100, 50.0, order="perm:3")  # pairs with nothing: other order
+    runs, _ = collect_runs([runs_root / "*" / "*"])
+    result = compare(runs, "emr_star", "emr")
+    (block,) = result["benchmarks"]
+    assert [p["seed"] for p in block["pairs"]] == [100, 200, 300]
+    acc = block["metrics"]["acc_macro"]
+    assert acc["diff_mean"] == pytest.approx(4.0) and acc["p_ttest"] == pytest.approx(1 - 4 / math.sqrt(18))
+    assert acc["diff_ci_high"] == pytest.approx(4 + T2)
+    assert len(result["unpaired"]) == 2  # emr seed 400, emr_star perm:3
+    with pytest.raises(ValueError, match="no run matches 'crl'"):
+        compare(runs, "crl", "emr")
+
+
+def test_compare_by_group_label_and_two_runs_per_key_is_an_error(tmp_path):
+    for seed, a, b in [(100, 10.0, 8.0), (200, 20.0, 15.0), (300, 30.0, 25.0)]:
+        make_run(tmp_path / "x", "emr", seed, a, lr=1e-3)
+        make_run(tmp_path / "y", "emr", seed, b, lr=2e-3)
+    runs, _ = collect_runs([tmp_path / "*" / "emr" / "*"])
+    with pytest.raises(ValueError, match="two runs"):
+        compare(runs, "emr", "emr")
+    result = compare(runs, "emr/0.001", "emr/0.002", fields=["experiment", "train.lr"])
+    assert result["benchmarks"][0]["metrics"]["acc_macro"]["diff_mean"] == pytest.approx(4.0)
+
+
+def test_cli_report_group_by_compare_and_sweep_index(runs_root, capsys):
+    index = {
+        "name": "s",
+        "points": [
+            {"run_dir": str(p.relative_to(runs_root)), "override_set": "default", "experiment": p.parent.name}
+            for p in sorted(runs_root.glob("*/*"))
+        ],
+    }
+    (runs_root / "index.json").write_text(json.dumps(index))
+    assert main(["report", str(runs_root), "--group-by", "experiment,benchmark"]) == 0
+    out = capsys.readouterr().out
+    assert "| emr_star/fewrel | acc_macro | 3 | 20.00 ± 10.00 | [-4.84, 44.84] |" in out
+    assert main(["report", str(runs_root / "index.json"), "--compare", "emr_star", "emr"]) == 0
+    out = capsys.readouterr().out
+    assert "| acc_macro | 3 | 20.00 | 16.00 | 4.00 ± 1.73 | [-0.30, 8.30] | 0.0572 | - |" in out
+    assert main(["report", str(runs_root / "nothing" / "*"), "--group-by", "experiment"]) == 2
