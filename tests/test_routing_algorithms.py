@@ -130,8 +130,11 @@ def test_fixed_shrinkage_and_rblw_close_to_exact_ledoit_wolf() -> None:
     rho_rblw = _fit(x, y).finalize().shrinkage
     assert 0.0 < rho_rblw < 1.0
     assert abs(rho_rblw - rho_lw) < 0.1, (rho_rblw, rho_lw)
-    with pytest.raises(ValueError):
-        ClassStatistics(DIM, shrinkage=1.5)
+    rho_oas = _fit(x, y, shrinkage="oas").finalize().shrinkage
+    assert 0.0 < rho_oas < 1.0 and abs(rho_oas - rho_lw) < 0.1, (rho_oas, rho_lw)
+    for bad in (1.5, "ledoit"):
+        with pytest.raises(ValueError):
+            ClassStatistics(DIM, shrinkage=bad)
 
 
 def test_state_dict_round_trip_survives_resume() -> None:

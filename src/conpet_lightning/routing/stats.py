@@ -74,6 +74,8 @@ def shrinkage_intensity(scatter_cov: Tensor, dof: int, method: Shrinkage) -> flo
         if not 0.0 <= rho <= 1.0:
             raise ValueError(f"fixed shrinkage must lie in [0, 1], got {rho}")
         return rho
+    if method not in ("rblw", "oas"):
+        raise ValueError(f"shrinkage must be 'rblw', 'oas' or a float in [0, 1], got {method!r}")
     d = scatter_cov.shape[0]
     n = max(int(dof), 1)
     tr = float(torch.trace(scatter_cov))
@@ -83,10 +85,8 @@ def shrinkage_intensity(scatter_cov: Tensor, dof: int, method: Shrinkage) -> flo
         return 1.0  # S is already a multiple of the identity (or zero): shrinking changes nothing
     if method == "rblw":
         rho = ((n - 2) / n * tr2 + tr * tr) / ((n + 2) * denom_core)
-    elif method == "oas":
-        rho = ((1 - 2 / d) * tr2 + tr * tr) / ((n + 1 - 2 / d) * denom_core)
     else:
-        raise ValueError(f"shrinkage must be 'rblw', 'oas' or a float in [0, 1], got {method!r}")
+        rho = ((1 - 2 / d) * tr2 + tr * tr) / ((n + 1 - 2 / d) * denom_core)
     return float(min(max(rho, 0.0), 1.0))
 
 
