@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 import torch
@@ -274,7 +274,7 @@ def test_rerank_calls_each_candidate_once_with_its_rows_and_reorders() -> None:
     assert rerank_topm(base, 2, rescore, k=1).tolist() == [[1], [3], [1]]
 
 
-def _tpl_setup() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, object]:
+def _tpl_setup() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Callable[[int, torch.Tensor], torch.Tensor]]:
     """A weak base router (Euclidean) and a TPL rescore in each candidate expert's space."""
     maps = _expert_spaces()
     xtr, ytr = _draw(60, seed=1)
