@@ -280,6 +280,33 @@ def test_racing_processes_only_one_gets_the_lock(tmp_path: Path) -> None:
     assert sorted(outcomes) == [("got", 0)] + [("locked", 3)] * 3
 
 
-def test_lock_in_one_process_refuses_a_second_object(tmp_path: Path) -> None:
-    with RunLock(tmp_path), pytest.raises(RunLockedError, match=f"process {os.getpid()}"):
-        RunLock(tmp_path).acquire()
+def test_lock_is_shared_within_one_process(tmp_path: Path) -> None:
+    """The CLI and the loop may both take it: one process never locks itself out, and the last release unlocks."""
+    outer = RunLock(tmp_path).acquire()
+    with RunLock(tmp_path) as inner:
+        assert inner.held
+    probe = _holder(tmp_path, 0)
+    assert probe.communicate(timeout=120)[0].strip() == "locked"  # still held by outer
+    outer.release()
+    probe = _holder(tmp_path, 0)
+    assert probe.communicate(timeout=120)[0].strip() == "got"
+
+
+def test_a_resumed_run_continues_the_same_wandb_run(tmp_path: Path) -> None:
+    from conpet_lightning.config import load_config
+    from conpet_lightning.reporting.wandb_logger import RUN_ID_FILE, build_wandb_logger
+
+    cfg = load_config("naive", ["logging.wandb=true", "logging.wandb_mode=disabled"])
+    first = build_wandb_logger(cfg, tmp_path)
+    assert first is not None
+    run_id = (tmp_path / RUN_ID_FILE).read_text().strip()
+    assert first._wandb_init["id"] == run_id and first._wandb_init["resume"] == "allow"
+    again = build_wandb_logger(cfg, tmp_path)  # the resume of the same folder
+    assert again is not None
+    assert again._wandb_init["id"] == run_id and again._wandb_init["resume"] == "allow"
+    (tmp_path / "other").mkdir()
+    other = build_wandb_logger(cfg, tmp_path / "other")  # another run gets another id
+    assert other is not None and other._wandb_init["id"] != run_id
+    (tmp_path / RUN_ID_FILE).write_text("\n")
+    with pytest.raises(RunFileError, match=f"{tmp_path / RUN_ID_FILE} is corrupt"):
+        build_wandb_logger(cfg, tmp_path)

@@ -242,17 +242,26 @@ class RunLock:
     """Exclusive, non-blocking ``flock`` on ``<run_dir>/.lock`` while one process writes the run folder.
 
     A second process on the same folder gets ``RunLockedError`` with the holder's pid. The kernel drops the lock
-    when its process dies (even by SIGKILL), so a stale lock file is simply taken over.
+    when its process dies (even by SIGKILL), so a stale lock file is simply taken over. Within one process the lock
+    is shared: the CLI and the task loop may both take it for the same folder, and it is held until both release.
     """
+
+    _held: dict[str, list[int]] = {}
+    """Lock file (real path) -> [fd, holders] of the locks this process holds."""
 
     def __init__(self, run_dir: str | Path) -> None:
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / LOCK_NAME
-        self._fd: int | None = None
+        self._key: str | None = None
 
     def acquire(self) -> RunLock:
-        """Take the lock (raises ``RunLockedError`` if a live process holds it)."""
-        if self._fd is not None:
+        """Take the lock (raises ``RunLockedError`` if another live process holds it)."""
+        if self._key is not None:
+            return self
+        key = os.path.realpath(self.path)
+        if key in RunLock._held:
+            RunLock._held[key][1] += 1
+            self._key = key
             return self
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666 & ~_UMASK)
         try:
@@ -266,14 +275,21 @@ class RunLock:
             raise
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        self._fd = fd
+        RunLock._held[key] = [fd, 1]
+        self._key = key
         return self
 
     def release(self) -> None:
-        """Drop the lock; the file stays (removing it would race with a process that just opened it)."""
-        if self._fd is None:
+        """Drop this hold; the last one unlocks (the file stays: removing it would race with a process opening it)."""
+        if self._key is None:
             return
-        fd, self._fd = self._fd, None
+        key, self._key = self._key, None
+        entry = RunLock._held[key]
+        entry[1] -= 1
+        if entry[1] > 0:
+            return
+        del RunLock._held[key]
+        fd = entry[0]
         with contextlib.suppress(OSError):
             os.ftruncate(fd, 0)
         fcntl.flock(fd, fcntl.LOCK_UN)
@@ -282,7 +298,7 @@ class RunLock:
     @property
     def held(self) -> bool:
         """Whether this object holds the lock now."""
-        return self._fd is not None
+        return self._key is not None
 
     def __enter__(self) -> RunLock:
         return self.acquire()

@@ -13,6 +13,7 @@ variable.
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import OmegaConf
 
 from conpet_lightning.config import RunConfig
+from conpet_lightning.runfiles import RunFileError, atomic_write_text
 
 
 class RunWandbLogger(WandbLogger):
@@ -86,15 +88,42 @@ def config_dict(cfg: RunConfig) -> dict[str, Any]:
     return {str(k): v for k, v in out.items()}
 
 
+#: File in the run folder holding the W&B run id, so that a resumed run continues the same W&B run.
+RUN_ID_FILE = "wandb_run_id"
+
+
+def wandb_run_id(run_dir: str | Path) -> tuple[str, bool]:
+    """The W&B run id of a run folder and whether it already had one (a resume); a new id is written to the folder.
+
+    Only rank 0 writes the file; other ranks get an id that is never used (only rank 0 starts the W&B run).
+
+    Raises:
+        RunFileError: the stored id is not a W&B id (a corrupt file), or the disk is full.
+    """
+    path = Path(run_dir) / RUN_ID_FILE
+    if path.is_file():
+        stored = path.read_text(encoding="utf-8").strip()
+        if not stored or not stored.isalnum():
+            raise RunFileError(f"{path} is corrupt or truncated (expected a W&B run id, got {stored[:40]!r})")
+        return stored, True
+    new = secrets.token_hex(4)  # W&B ids are short lowercase alphanumerics
+    if rank_zero_only.rank == 0:
+        atomic_write_text(path, new + "\n", run_dir=run_dir)
+    return new, False
+
+
 def build_wandb_logger(cfg: RunConfig, run_dir: str | Path) -> RunWandbLogger | None:
     """The run's W&B logger when ``logging.wandb`` is true (else None); the W&B run starts on first use.
 
+    The W&B run id is kept in ``<run_dir>/wandb_run_id``: a resumed run passes it with ``resume="allow"`` and so
+    continues the run it started instead of opening a second one (offline: ``wandb sync`` joins them by id).
     ``logging.wandb_mode`` was checked by ``config.validate``.
     """
     log = cfg.logging
     if not log.wandb:
         return None
     run_dir = Path(run_dir)
+    run_id, _ = wandb_run_id(run_dir)
     return RunWandbLogger(
         save_dir=str(run_dir),
         project=log.wandb_project,
@@ -103,4 +132,6 @@ def build_wandb_logger(cfg: RunConfig, run_dir: str | Path) -> RunWandbLogger | 
         job_type="continual",
         mode=log.wandb_mode,
         config=config_dict(cfg),
+        id=run_id,
+        resume="allow",  # a new id starts a run, a stored one continues it
     )
