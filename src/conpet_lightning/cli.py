@@ -3,31 +3,73 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import shutil
 import signal
 import sys
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from conpet_lightning.config import ConfigError, load_config
 from conpet_lightning.data.records import DataError
+from conpet_lightning.resume_overrides import check_resume_overrides, record_resume_overrides
+from conpet_lightning.runfiles import (
+    DiskFullError,
+    RunFileError,
+    RunLock,
+    clean_temp_files,
+    create_run_dir,
+    read_json,
+)
 
 if TYPE_CHECKING:
     from conpet_lightning.loop import TaskLoop
 
+#: Environment variable holding the run folder rank 0 created, for the DDP ranks that re-run the command.
+RUN_DIR_ENV = "CONPET_RUN_DIR"
+
+
+def _is_launched_rank() -> bool:
+    """A process Lightning's DDP launcher started for rank > 0: it re-runs this command line in the parent's folder."""
+    return os.environ.get("LOCAL_RANK", "0") != "0" or os.environ.get("NODE_RANK", "0") != "0"
+
+
+def _finished_on_disk(run_dir: Path) -> int | None:
+    """Tasks recorded in the folder's metrics.json (0 without one); None if it is unreadable (keep the folder)."""
+    path = run_dir / "metrics.json"
+    if not path.is_file():
+        return 0
+    try:
+        return len(json.loads(path.read_text(encoding="utf-8")).get("per_task", []))
+    except (OSError, ValueError, AttributeError):
+        return None
+
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    """Run an experiment in a new folder; one that fails before its first task finishes leaves no folder behind."""
     from conpet_lightning.loop import TaskLoop
 
     cfg = load_config(args.experiment, args.overrides)
-    run_id = cfg.run_id or f"{time.strftime('%Y%m%d-%H%M%S')}-s{cfg.seed}"
-    run_dir = Path(cfg.output_dir) / cfg.experiment / run_id
-    if (run_dir / "metrics.json").exists():
-        raise ConfigError(f"run folder {run_dir} already holds results; pick another run_id")
+    base = Path(cfg.output_dir) / cfg.experiment
+    if _is_launched_rank() and os.environ.get(RUN_DIR_ENV):
+        return _run_to_end(TaskLoop(cfg, Path(os.environ[RUN_DIR_ENV])))  # rank 0 holds the folder and its lock
+    fresh = cfg.run_id is None or not (base / cfg.run_id).exists()
+    run_dir = create_run_dir(base, cfg.run_id, seed=cfg.seed)
+    os.environ[RUN_DIR_ENV] = str(run_dir)  # for the other DDP ranks, which re-run this command
     print(f"[conpet] experiment={cfg.experiment} benchmark={cfg.data.benchmark} -> {run_dir}", flush=True)
-    return _run_to_end(TaskLoop(cfg, run_dir))
+    with RunLock(run_dir):
+        try:
+            return _run_to_end(TaskLoop(cfg, run_dir), discard=run_dir if fresh else None)
+        except BaseException as err:
+            if fresh and _finished_on_disk(run_dir) == 0:
+                shutil.rmtree(run_dir, ignore_errors=True)
+                if isinstance(err, DiskFullError):  # its advice to resume does not hold for a removed folder
+                    raise RunFileError(
+                        f"the disk is full: could not write {err.path}; no task had finished, so {run_dir} was removed"
+                    ) from err
+            raise
 
 
 def _done_line(summary: dict, run_dir: Path | str) -> str:
@@ -36,33 +78,62 @@ def _done_line(summary: dict, run_dir: Path | str) -> str:
 
 
 def _cmd_resume(args: argparse.Namespace) -> int:
+    """Continue a run from its folder; ``key=value`` overrides that cannot change finished tasks are recorded."""
     from conpet_lightning.loop import TaskLoop
 
-    loop = TaskLoop.resume(args.run_dir)
-    assert loop.finished is not None
-    done = len(loop.finished["per_task"])
-    print(f"[conpet] resuming {args.run_dir} after {done} finished task(s)", flush=True)
-    return _run_to_end(loop)
+    accepted = check_resume_overrides(args.overrides)
+    run_dir = Path(args.run_dir)
+    if not run_dir.is_dir():
+        raise ConfigError(f"cannot resume {run_dir}: no such folder")
+    if not (run_dir / "config.yaml").is_file():
+        raise ConfigError(f"cannot resume {run_dir}: it is not a run folder (no config.yaml)")
+    if (run_dir / "metrics.json").is_file():
+        read_json(run_dir / "metrics.json", "the finished tasks' results")  # a corrupt file: one line naming it
+    launched = _is_launched_rank()
+    with contextlib.ExitStack() as stack:
+        if not launched:
+            stack.enter_context(RunLock(run_dir))
+            clean_temp_files(run_dir)  # half-written files of the killed process
+        loop = TaskLoop.resume(run_dir, overrides=accepted)
+        if accepted and not launched:
+            record_resume_overrides(run_dir, accepted)
+        assert loop.finished is not None
+        done = len(loop.finished["per_task"])
+        print(f"[conpet] resuming {run_dir} after {done} finished task(s)", flush=True)
+        return _run_to_end(loop)
 
 
-def _run_to_end(loop: TaskLoop) -> int:
-    """Run the loop and print the done line; a SIGTERM ends it with exit code 143 and says how to continue.
+def _finished_tasks(loop: TaskLoop) -> int:
+    """Tasks whose results are on disk: a resumed run counts the ones it had before, even while replaying them."""
+    before = len(loop.finished["per_task"]) if loop.finished else 0
+    return max(len(loop.per_task), before)
+
+
+def _run_to_end(loop: TaskLoop, discard: Path | None = None) -> int:
+    """Run the loop and print the done line; Ctrl-C and SIGTERM stop it with 130 and 143 and say how to continue.
 
     Lightning turns SIGTERM into ``SIGTERMException``, a ``SystemExit`` with no code, so without this a killed run
-    would exit with status 0 as if it had finished.
+    would exit with status 0 as if it had finished. ``discard`` is the folder of a new run: it is removed when the
+    run stops before its first task finished (nothing to resume), and the message says so.
     """
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
     try:
         out = loop.run()
-    except SIGTERMException:
-        print(
-            f"conpet: stopped by SIGTERM after {len(loop.per_task)} finished task(s); their results are in "
-            f"{loop.run_dir}. Continue with: conpet resume {loop.run_dir}",
-            file=sys.stderr,
-            flush=True,
-        )
-        return 128 + signal.SIGTERM
+    except (SIGTERMException, KeyboardInterrupt) as err:
+        sigterm = isinstance(err, SIGTERMException)
+        what, code = ("stopped by SIGTERM", 128 + signal.SIGTERM) if sigterm else ("interrupted", 128 + signal.SIGINT)
+        done = _finished_tasks(loop)
+        if done == 0 and discard is not None and _finished_on_disk(discard) == 0:
+            shutil.rmtree(discard, ignore_errors=True)
+            line = f"conpet: {what} before the first task finished; nothing was kept ({discard} removed)"
+        else:
+            line = (
+                f"conpet: {what} after {done} finished task(s); their results are in {loop.run_dir}. "
+                f"Continue with: conpet resume {loop.run_dir}"
+            )
+        print(line, file=sys.stderr, flush=True)
+        return code
     print(_done_line(out["summary"], loop.run_dir), flush=True)
     return 0
 
@@ -133,6 +204,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(func=_cmd_run)
     resume = sub.add_parser("resume", help="continue a killed run from its folder, after its last finished task")
     resume.add_argument("run_dir")
+    resume.add_argument(
+        "overrides",
+        nargs="*",
+        help="key=value overrides that cannot change finished tasks (train.lr, train.epochs, ...)",
+    )
     resume.set_defaults(func=_cmd_resume)
     data = sub.add_parser("data", help="data utilities").add_subparsers(dest="data_command", required=True)
     stats = data.add_parser("stats", help="per-task class and record counts of a benchmark")
@@ -163,17 +239,44 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: Errors a user can cause (bad config, data, paths, run files, a diverging run): one line and exit status 2.
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    ConfigError,
+    DataError,
+    RunFileError,
+    FileNotFoundError,
+    FloatingPointError,
+    OSError,
+)
+
+
+def _one_line(err: BaseException) -> str:
+    """An error message on one line (a few messages, e.g. omegaconf's, span several)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return "; ".join(lines) or type(err).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point; bad input ends with one clear line on stderr and exit code 2."""
+    """Entry point; a user error ends with one ``conpet: error:`` line on stderr and exit code 2, Ctrl-C with 130.
+
+    Anything else is a bug and keeps its traceback.
+    """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("WANDB_MODE", "offline")
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
-    except (ConfigError, DataError, FileNotFoundError, FloatingPointError) as err:
-        print(f"conpet: error: {err}", file=sys.stderr)
+    except USER_ERRORS as err:
+        print(f"conpet: error: {_one_line(err)}", file=sys.stderr, flush=True)
         return 2
+    except KeyboardInterrupt:  # before the loop ran (a running loop reports its own interruption)
+        if args.command == "resume":
+            line = f"conpet: interrupted during start-up. Continue with: conpet resume {args.run_dir}"
+        else:
+            line = "conpet: interrupted during start-up; nothing was run"
+        print(line, file=sys.stderr, flush=True)
+        return 128 + signal.SIGINT
 
 
 if __name__ == "__main__":

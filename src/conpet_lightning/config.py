@@ -273,6 +273,9 @@ def validate(raw: DictConfig | dict[str, Any]) -> RunConfig:
     check_task_order_spec(cfg.data.task_order)
     if cfg.eval.every_n_steps is not None and cfg.eval.every_n_steps < 1:
         raise ConfigError(f"eval.every_n_steps must be a positive integer or null, got {cfg.eval.every_n_steps}")
+    if cfg.data.num_tasks is not None and cfg.data.num_tasks < 1:
+        # the upper bound needs the benchmark: data.benchmarks.check_num_tasks, where it is loaded
+        raise ConfigError(f"data.num_tasks must be at least 1 (or null for all tasks), got {cfg.data.num_tasks}")
     return cfg
 
 

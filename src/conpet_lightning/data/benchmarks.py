@@ -98,3 +98,15 @@ def resolve_task_order(spec: Any, num_tasks: int) -> list[int]:
             f"(the benchmark has {num_tasks} tasks)"
         )
     return order
+
+
+def check_num_tasks(num_tasks: int | None, available: int, benchmark: str = "the benchmark") -> None:
+    """``data.num_tasks`` must lie in 1..``available`` (None = all): a slice past the end would silently run fewer.
+
+    Raises:
+        ConfigError: naming the value and the allowed range.
+    """
+    if num_tasks is None:
+        return
+    if not 1 <= num_tasks <= available:
+        raise ConfigError(f"data.num_tasks={num_tasks} but {benchmark} has {available} tasks; allowed 1..{available}")

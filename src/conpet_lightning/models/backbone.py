@@ -21,7 +21,8 @@ import torch
 import transformers
 from transformers import AutoModel, AutoTokenizer, BertConfig, LlamaConfig
 
-from conpet_lightning.models.markers import MarkerMap, markers_for
+from conpet_lightning.config import ConfigError
+from conpet_lightning.data.markers import MarkerMap, markers_for
 
 BACKBONES: tuple[str, ...] = ("minilm", "smollm2", "tiny-bert", "tiny-llama")
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -65,13 +66,13 @@ def load_backbone(
 
     Raises:
         ValueError: an unknown name or dtype, or an encoder-decoder model.
+        ConfigError: ``path`` is missing, not a Hugging Face model folder, or cannot be loaded (one line).
     """
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     torch_dtype = DTYPES[dtype]
     if path is not None:
-        model = AutoModel.from_pretrained(path, dtype=torch_dtype)
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        model, tokenizer = _load_local(path, torch_dtype)
     elif name == "minilm":
         model = AutoModel.from_pretrained(minilm_dir(), dtype=torch_dtype)
         tokenizer = AutoTokenizer.from_pretrained(minilm_dir())
@@ -102,6 +103,28 @@ def load_backbone(
         param.requires_grad_(False)
     model.eval()
     return LoadedBackbone(model=model, tokenizer=tokenizer, markers=markers, is_decoder=decoder, name=name)
+
+
+def _load_local(
+    path: str, torch_dtype: torch.dtype
+) -> tuple[transformers.PreTrainedModel, transformers.PreTrainedTokenizerBase]:
+    """Model and tokenizer of a local folder; a bad ``model.path`` is one ConfigError line, not a hub traceback.
+
+    Given a folder that does not exist, ``from_pretrained`` takes the string for a hub repo id and fails (offline)
+    with a long traceback about the "Repo id"; the folder is checked first instead.
+    """
+    folder = Path(path).expanduser()
+    if not folder.exists():
+        raise ConfigError(f"model.path: {path} does not exist")
+    if not folder.is_dir() or not (folder / "config.json").is_file():
+        raise ConfigError(f"model.path: {path} is not a Hugging Face model folder (no config.json)")
+    try:
+        model = AutoModel.from_pretrained(folder, dtype=torch_dtype)
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError, KeyError) as err:
+        reason = " ".join(str(err).split()) or type(err).__name__
+        raise ConfigError(f"model.path: {path} cannot be loaded as a Hugging Face model ({reason:.300})") from err
+    return model, tokenizer
 
 
 def is_decoder_config(config: transformers.PretrainedConfig) -> bool:

@@ -40,6 +40,8 @@ def _read_part(path: Path, label_names: list[str], tasks: list[list[int]]) -> li
     for k, entry in enumerate(data):
         if not isinstance(entry, list):
             raise DataError(f"{path}: task entry {k}: expected a list of [sample_key, tag, text]")
+        if not entry:  # a task with nothing to train, select on or test would fail after the tasks before it
+            raise DataError(f"{path}: task entry {k} (task {k + 1}) is empty; every task needs at least one record")
         allowed = set(tasks[k])
         records: list[Record] = []
         for i, item in enumerate(entry):
@@ -75,8 +77,8 @@ def load_conpet_json(*, root: str | Path = "data", local_path: str | Path, datas
         dataset: one of fewrel, fewnerd, tacred, ace, ontonotes, bbn.
 
     Raises:
-        DataError: on an unknown dataset, a missing file, a malformed item, a tag outside its task's classes,
-            or duplicate sample keys.
+        DataError: on an unknown dataset, a missing file, an empty task entry, a malformed item, a tag outside its
+            task's classes, or duplicate sample keys.
     """
     if dataset not in TASK_TYPES:
         raise DataError(f"unknown ConPET dataset {dataset!r}; expected one of {sorted(TASK_TYPES)}")
