@@ -286,3 +286,17 @@ def test_run_folders_do_not_collide(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     for _ in range(3):
         assert main(_args("naive", tmp_path)) == 130
     assert len(set(seen)) == 3 and all(p.parent == tmp_path / "naive" for p in seen)
+
+
+def test_resume_of_a_folder_in_use(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from tests.test_runfiles import _holder
+
+    run_dir = _run_folder(tmp_path, "{}")
+    holder = _holder(run_dir, 60)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "got"
+        assert main(["resume", str(run_dir)]) == 2
+        _one_error_line(capsys, f"run folder {run_dir} is in use by process {holder.pid}")
+    finally:
+        holder.kill()
+        holder.wait()
