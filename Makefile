@@ -11,7 +11,7 @@ export TOKENIZERS_PARALLELISM := false
 export WANDB_MODE ?= offline
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-slow lint format run resume bench clean
+.PHONY: help install test test-slow lint format run resume bench clean sweep results
 
 help: ## list the commands
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-10s %s\n", $$1, $$2}'
@@ -48,6 +48,13 @@ run: $(STAMP) ## run an experiment: make run EXP=<name> ARGS="key=value ..." (de
 resume: $(STAMP) ## continue a killed run after its last finished task: make resume RUN=runs/<exp>/<run-id>
 	@test -n "$(RUN)" || { echo "usage: make resume RUN=runs/<experiment>/<run-id>"; exit 2; }
 	$(BIN)/conpet resume $(RUN)
+
+sweep: $(STAMP) ## run a resumable sweep: make sweep SWEEP=sweeps/<file>.yaml [LANES=N] (reruns skip finished points)
+	@test -n "$(SWEEP)" || { echo "usage: make sweep SWEEP=sweeps/<file>.yaml [LANES=N]"; exit 2; }
+	$(BIN)/conpet sweep $(SWEEP) --lanes $(or $(LANES),1)
+
+results: $(STAMP) ## regenerate docs/results.md from a sweep's runs: make results [SWEEP=sweeps/cpu_equal_budget.yaml]
+	$(BIN)/python -m conpet_lightning.reporting.results_page $(or $(SWEEP),sweeps/cpu_equal_budget.yaml) --out docs/results.md
 
 bench: $(STAMP) ## run the benchmarks in bench/ (writes bench/results/*.json)
 	$(BIN)/python -m bench.run_all

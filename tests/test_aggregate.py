@@ -18,8 +18,10 @@ import yaml
 
 from conpet_lightning.cli import main
 from conpet_lightning.reporting.aggregate import collect_runs, compare, describe, paired, report_aggregate
+from conpet_lightning.reporting.results_page import main as results_main
 
 T2 = 4.302652729911275
+PARAMS = {"trainable_parameters": 40_000, "total_parameters": 22_000_000}
 
 
 def make_run(
@@ -47,11 +49,14 @@ def make_run(
         "tasks": [{"classes": [t], "n_test": 10} for t in range(tasks)],
         "accuracy_matrix": [[acc] * (i + 1) + [None] * (tasks - i - 1) for i in range(done)],
         "summary": {"acc_macro": acc, "bwt": -acc / 10, "fwt": None},
-        "per_task": [{"task": t, "train_steps": steps, "train_seconds": 1.5} for t in range(done)],
+        "per_task": [
+            {"task": t, "train_steps": steps, "train_seconds": 1.5, "stages": {"train": {"steps": steps, **PARAMS}}}
+            for t in range(done)
+        ],
     }
     (folder / "metrics.json").write_text(json.dumps(metrics))
     config = {"experiment": experiment, "seed": seed, "data": {"benchmark": benchmark, "task_order": order}}
-    config["train"] = {"lr": lr}
+    config.update(train={"lr": lr, "epochs": 2, "batch_size": 8}, model={"backbone": "minilm"}, scale="cpu")
     (folder / "config.yaml").write_text(yaml.safe_dump(config))
     return folder
 
@@ -156,3 +161,44 @@ def test_cli_report_group_by_compare_and_sweep_index(runs_root, capsys):
     out = capsys.readouterr().out
     assert "| acc_macro | 3 | 20.00 | 16.00 | 4.00 ± 1.73 | [-0.30, 8.30] | 0.0572 | - |" in out
     assert main(["report", str(runs_root / "nothing" / "*"), "--group-by", "experiment"]) == 2
+
+
+def test_results_page_from_a_sweep_folder(tmp_path):
+    """Claims (b) and (c) get verdicts from the paired intervals; (a) is computed, not typed."""
+    sweep = tmp_path / "sweep"
+    accs = {  # experiment -> benchmark -> acc per seed 100, 200, 300
+        "emr": {"fewrel": [8, 15, 25], "fewnerd": [10, 10, 10]},
+        "emr_star": {"fewrel": [10, 20, 30], "fewnerd": [20, 22, 24]},  # +4 (interval spans 5), +12 (holds)
+        "crl": {"fewrel": [30, 30, 30]},
+        "crl_star": {"fewrel": [27, 28, 29]},  # -2 +- 1: the whole interval lies below +5
+        "eaemr": {"fewrel": [10, 11]},
+        "eaemr_star": {"fewrel": [20, 21]},  # 2 seeds only
+        "dynamic_conpet": {"fewnerd": [30, 31, 35]},  # vs emr_star, the only Static method on fewnerd: +10, +9, +11
+    }
+    for exp, by_bench in accs.items():
+        for bench, values in by_bench.items():
+            for seed, acc in zip((100, 200, 300), values, strict=False):
+                make_run(sweep, exp, seed, float(acc), benchmark=bench)
+    index = {"name": "t", "points": [{"run_dir": str(p.relative_to(sweep))} for p in sorted(sweep.glob("*/*"))]}
+    (sweep / "index.json").write_text(json.dumps(index))
+    out = tmp_path / "docs" / "results.md"
+    assert results_main([str(sweep), "--out", str(out)]) == 0
+    page = out.read_text()
+    assert "| 6,738,415,616 | 2,097,152 | 3,213x |" in page  # LLaMA-7B from its architecture
+    assert "| 22,000,000 | 40,000 | 550x | measured" in page
+    assert (
+        "| (b) | `emr_star` - `emr` | fewrel | 3 | 4.00 ± 1.73 | [-0.30, 8.30] | 0.0572 | - | not established |" in page
+    )
+    assert "| (b) | `emr_star` - `emr` | fewnerd | 3 | 12.00 ± 2.00 |" in page and "fewnerd | 3 | 12.00" in page
+    assert "`emr_star` beats `emr` by at least 5 points holds at this scale" in page
+    assert "| (b) | `crl_star` - `crl` | fewrel | 3 | -2.00 ± 1.00 |" in page and "| does not hold |" in page
+    assert "by at least 5 points is not established at this scale" in page
+    assert "`crl` | fewnerd" not in page  # no row for a benchmark neither method ran on
+    assert "Only 2 paired seed(s) of `eaemr_star` and `eaemr` on fewrel: the claim is not established." in page
+    assert "best Static method on fewnerd by mean acc_macro is `emr_star`" in page
+    assert "| (c) | `dynamic_conpet` - `emr_star` | fewnerd | 3 | 10.00 ± 1.00 |" in page
+    assert "`dynamic_conpet` beats `emr_star` holds at this scale" in page
+    assert "| `emr_star` | 3 | 100, 200, 300 | 20.00 ± 10.00 |" in page  # the fewrel table, with its seeds
+    assert "| `eaemr` † | 2 | 100, 200 |" in page
+    assert "| `emr` | fewrel | 80.0 | 80-80 |" not in page and "| `emr` | fewrel | 40.0 | 40-40 | 3 |" in page
+    assert "**Commit:** `" in page and "cores" in page

@@ -74,10 +74,11 @@ def test_task_order_in_the_config_is_checked_before_any_data_loads():
 
 def test_build_benchmark_applies_the_order_before_num_tasks():
     caps = ["data.max_train_per_class=2", "data.max_valid_per_class=1", "data.max_test_per_class=1"]
-    base = build_benchmark(load_config("naive", caps))
+    base, base_order = build_benchmark(load_config("naive", caps))
     order = resolve_task_order("perm:5", base.num_tasks)
     cfg = load_config("naive", [*caps, "data.task_order=perm:5", "data.num_tasks=2"])
-    bench = build_benchmark(cfg)
+    bench, used = build_benchmark(cfg)
+    assert base_order == list(range(base.num_tasks)) and used == order[:2]  # the order metrics.json records
     assert bench.tasks == [base.tasks[order[0]], base.tasks[order[1]]]
     assert [r.key for r in bench.records("test", 1)] == [r.key for r in base.records("test", order[1])]
     assert all(r.task == 1 for r in bench.records("train", 1))

@@ -447,5 +447,6 @@ def emit(sweep: Sweep, kind: str, out: str | Path | None = None) -> Path:
         Path(out) if out else sweep.root / (f"{sweep.name}.sbatch" if kind == "slurm" else f"{sweep.name}.wandb.yaml")
     )
     path.parent.mkdir(parents=True, exist_ok=True)
+    (sweep.root / "logs").mkdir(parents=True, exist_ok=True)  # SLURM opens --output before the script runs
     path.write_text(text, encoding="utf-8")
     return path
