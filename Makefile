@@ -11,7 +11,7 @@ export TOKENIZERS_PARALLELISM := false
 export WANDB_MODE ?= offline
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-slow lint format run resume bench clean sweep results
+.PHONY: help install test test-slow lint format run resume bench bench-gpu clean sweep results
 
 help: ## list the commands
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-10s %s\n", $$1, $$2}'
@@ -56,8 +56,11 @@ sweep: $(STAMP) ## run a resumable sweep: make sweep SWEEP=sweeps/<file>.yaml [L
 results: $(STAMP) ## regenerate docs/results.md from a sweep's runs: make results [SWEEP=sweeps/cpu_equal_budget.yaml]
 	$(BIN)/python -m conpet_lightning.reporting.results_page $(or $(SWEEP),sweeps/cpu_equal_budget.yaml) --out docs/results.md
 
-bench: $(STAMP) ## run the benchmarks in bench/ (writes bench/results/*.json)
-	$(BIN)/python -m bench.run_all
+bench: $(STAMP) ## every cost ratio with its target in one table (bench/results/<timestamp>.json); BENCH_ARGS="--threads 1"
+	$(BIN)/python -m bench.run_all $(BENCH_ARGS)
+
+bench-gpu: $(STAMP) ## GPU costs in bf16 of SmolLM2 and MODEL_PATH=... (skips without CUDA)
+	$(BIN)/python -m bench.gpu $(if $(MODEL_PATH),--model-path $(MODEL_PATH),)
 
 clean: ## remove caches and build outputs (keeps .venv and runs/)
 	rm -rf .pytest_cache .ruff_cache build dist src/*.egg-info

@@ -1,63 +1,140 @@
-"""Per-task training cost: Dynamic ConPET's stays flat while Limitless grows with the number of tasks.
+"""Per-task cost of ``dynamic_conpet`` over 10 tasks: training time (last task over task 2) and peak memory
+(after the last task over after task 1).
 
-One run of each on the packaged MiniLM (FewRel, capped). Reported as ratios of the last task's training time and
-steps to task 2's, measured within each run, so the machine's speed cancels out. Targets: Dynamic ConPET's ratio
-stays near 1 (a fixed budget per task), Limitless's grows with the history (about tasks/2 in steps).
+One real run through the task loop in a fresh subprocess, so the peak resident memory (VmHWM) is the run's own. A
+callback reads the peak after every task and times every training step. Task 2 is the first task with both stages
+(selector and expert) on the fixed dynamic-replay budget, so tasks 2..10 run the same number of steps; a growing
+ratio is cost that grows with the number of experts. Both ratios come from one run; the time ratio cannot be
+interleaved (task 10 comes after task 2), so the median per-step ratio is reported beside it as a check.
 """
 
 from __future__ import annotations
 
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
 from typing import Any
 
-from bench.common import run_experiment, write_result
+from bench.common import peak_rss_mb, ratio_entry, run_child, size_overrides
 
-TASKS = 6
-COMMON = (
-    f"data.num_tasks={TASKS}",
-    "data.max_train_per_class=16",
-    "data.max_valid_per_class=4",
-    "data.max_test_per_class=4",
-    "train.epochs=1",
-    "callbacks.replay.batch_limit=20",
-)
-#: Dynamic ConPET's last-task/task-2 training-time ratio must stay below this.
-DYNAMIC_MAX_RATIO = 1.3
-#: Limitless's last-task/task-2 step ratio must reach at least this (its epochs cover the growing history).
-LIMITLESS_MIN_STEP_RATIO = 2.0
+TIME_TARGET = 1.05
+MEMORY_TARGET = 1.05
+#: Small caps: per task (k >= 2) 16 selector and 16 expert steps of batch 8, one epoch each.
+CAPS = {
+    "small": ["data.max_train_per_class=8", "callbacks.replay.batch_limit=20", "method.selector_epochs=1"],
+    "tiny": ["callbacks.replay.batch_limit=5", "method.selector_epochs=1"],
+}
+TASKS = {"small": 10, "tiny": 3}
 
 
-def ratios(metrics: dict[str, Any]) -> dict[str, Any]:
-    """Training seconds and steps per task, and last/second-task ratios."""
-    per_task = metrics["per_task"]
-    seconds = [t["train_seconds"] for t in per_task]
-    steps = [t["train_steps"] for t in per_task]
-    return {
-        "train_seconds": seconds,
-        "train_steps": steps,
-        "seconds_ratio_last_vs_task2": round(seconds[-1] / seconds[1], 3),
-        "steps_ratio_last_vs_task2": round(steps[-1] / steps[1], 3),
+def child(out: Path, overrides: list[str]) -> None:
+    """Run the experiment here, recording the peak RSS after each task and each training step's duration."""
+    import lightning as L
+
+    from conpet_lightning.callbacks.base import TaskCallback
+    from conpet_lightning.config import load_config
+    from conpet_lightning.loop import TaskLoop
+
+    class Probe(TaskCallback):
+        def __init__(self) -> None:
+            self.peak_mb: list[float] = []
+            self.step_seconds: dict[int, list[float]] = {}
+            self._start = 0.0
+
+        def on_train_batch_start(self, trainer: L.Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
+            self._start = time.perf_counter()
+
+        def on_train_batch_end(
+            self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
+        ) -> None:
+            self.step_seconds.setdefault(pl_module.task, []).append(time.perf_counter() - self._start)
+
+        def on_task_evaluated(self, loop: TaskLoop, task: int) -> None:
+            self.peak_mb.append(round(peak_rss_mb(), 1))
+
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = load_config("dynamic_conpet", [f"output_dir={tmp}", *overrides])
+        loop = TaskLoop(cfg, Path(tmp) / "run")
+        probe = Probe()
+        loop.callbacks.append(probe)
+        metrics = loop.run()
+    out.write_text(
+        json.dumps(
+            {
+                "train_seconds": [t["train_seconds"] for t in metrics["per_task"]],
+                "train_steps": [t["train_steps"] for t in metrics["per_task"]],
+                "expert_cache_entries": [t.get("expert_cache_entries") for t in metrics["per_task"]],
+                "peak_rss_mb": probe.peak_mb,
+                "median_step_seconds": [
+                    round(statistics.median(probe.step_seconds.get(t, [0.0])), 4) for t in range(len(probe.peak_mb))
+                ],
+                "acc_macro": metrics["summary"].get("acc_macro"),
+            }
+        )
+    )
+
+
+def run(size: str = "small", threads: int = 1) -> list[dict[str, Any]]:
+    """One subprocess run; two ratio entries (training time, peak memory)."""
+    tasks = TASKS[size]
+    overrides = [*size_overrides(size, threads), f"data.num_tasks={tasks}", *CAPS[size]]
+    r = run_child("bench.task_cost", overrides, threads)
+    secs, steps, peak = r["train_seconds"], r["train_steps"], r["peak_rss_mb"]
+    conditions = {
+        "size": size,
+        "experiment": "dynamic_conpet, FewRel",
+        "tasks": tasks,
+        "overrides": overrides,
+        "torch_threads": threads,
+        "process": "one fresh subprocess for the run",
     }
+    step_ratio = r["median_step_seconds"][-1] / max(r["median_step_seconds"][1], 1e-9)
+    return [
+        ratio_entry(
+            "task_time_last_over_task2",
+            secs[-1] / secs[1],
+            TIME_TARGET,
+            "<=",
+            what=f"dynamic_conpet training seconds of task {tasks} over task 2 (selector + expert stages, equal steps)",
+            conditions=conditions,
+            details={
+                "train_seconds": secs,
+                "train_steps": steps,
+                "equal_steps": steps[-1] == steps[1],
+                "median_step_seconds": r["median_step_seconds"],
+                "median_step_ratio_last_over_task2": round(step_ratio, 4),
+                "expert_cache_entries": r["expert_cache_entries"],
+                "acc_macro": r["acc_macro"],
+                "process_wall_seconds": r["process_wall_seconds"],
+            },
+        ),
+        ratio_entry(
+            "peak_memory_last_over_task1",
+            peak[-1] / peak[0],
+            MEMORY_TARGET,
+            "<=",
+            what=f"peak resident memory (VmHWM) after task {tasks} over after task 1, dynamic_conpet",
+            conditions=conditions,
+            details={"peak_rss_mb_after_each_task": peak},
+        ),
+    ]
 
 
-def main() -> dict[str, Any]:
-    """Run both experiments and write bench/results/task_cost.json."""
-    dynamic = ratios(run_experiment("dynamic_conpet", *COMMON))
-    limitless = ratios(run_experiment("limitless", *COMMON))
-    result = {
-        "tasks": TASKS,
-        "dynamic_conpet": dynamic,
-        "limitless": limitless,
-        "targets": {
-            "dynamic_seconds_ratio_max": DYNAMIC_MAX_RATIO,
-            "limitless_steps_ratio_min": LIMITLESS_MIN_STEP_RATIO,
-        },
-        "pass": dynamic["seconds_ratio_last_vs_task2"] <= DYNAMIC_MAX_RATIO
-        and dynamic["steps_ratio_last_vs_task2"] == 1.0
-        and limitless["steps_ratio_last_vs_task2"] >= LIMITLESS_MIN_STEP_RATIO,
-    }
-    write_result("task_cost", result)
-    return result
+def main() -> None:
+    """``--child OUT overrides...``: the subprocess side; otherwise print the tiny run's entries."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--child", type=Path)
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args()
+    if args.child is not None:
+        child(args.child, args.overrides)
+    else:
+        print(json.dumps(run(size="tiny"), indent=2))
 
 
 if __name__ == "__main__":
-    print(main())
+    main()
