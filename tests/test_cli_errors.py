@@ -300,3 +300,32 @@ def test_resume_of_a_folder_in_use(tmp_path: Path, capsys: pytest.CaptureFixture
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_ctrl_c_inside_a_trainer_says_how_to_resume(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Lightning turns Ctrl-C during fit into ``sys.exit(1)``; the CLI still reports it as an interruption (130)."""
+    import signal
+
+    from lightning.pytorch.trainer.trainer import Trainer
+
+    run_dir = tmp_path / "naive" / "r1"
+    real_fit_impl = Trainer._fit_impl
+
+    def fit_impl(self: Trainer, *args: object, **kwargs: object) -> None:
+        if (run_dir / "metrics.json").exists():  # task 1 finished: Ctrl-C in task 2's training
+            raise KeyboardInterrupt
+        real_fit_impl(self, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "_fit_impl", fit_impl)
+    handler = signal.getsignal(signal.SIGINT)
+    try:
+        assert main([*_args("naive", tmp_path), "run_id=r1"]) == 130
+    finally:
+        signal.signal(signal.SIGINT, handler)  # Lightning ignores further Ctrl-C once it saw one
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err == (
+        f"conpet: interrupted after 1 finished task(s); their results are in {run_dir}. "
+        f"Continue with: conpet resume {run_dir}"
+    )

@@ -109,6 +109,13 @@ def _finished_tasks(loop: TaskLoop) -> int:
     return max(len(loop.per_task), before)
 
 
+def _is_ctrl_c(err: BaseException) -> bool:
+    """Ctrl-C, also as Lightning reports it inside a Trainer call: ``sys.exit(1)`` while handling KeyboardInterrupt."""
+    if isinstance(err, KeyboardInterrupt):
+        return True
+    return isinstance(err, SystemExit) and err.code == 1 and isinstance(err.__context__, KeyboardInterrupt)
+
+
 def _run_to_end(loop: TaskLoop, discard: Path | None = None) -> int:
     """Run the loop and print the done line; Ctrl-C and SIGTERM stop it with 130 and 143 and say how to continue.
 
@@ -120,8 +127,10 @@ def _run_to_end(loop: TaskLoop, discard: Path | None = None) -> int:
 
     try:
         out = loop.run()
-    except (SIGTERMException, KeyboardInterrupt) as err:
+    except (SIGTERMException, KeyboardInterrupt, SystemExit) as err:
         sigterm = isinstance(err, SIGTERMException)
+        if not sigterm and not _is_ctrl_c(err):
+            raise
         what, code = ("stopped by SIGTERM", 128 + signal.SIGTERM) if sigterm else ("interrupted", 128 + signal.SIGINT)
         done = _finished_tasks(loop)
         if done == 0 and discard is not None and _finished_on_disk(discard) == 0:
