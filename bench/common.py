@@ -155,6 +155,12 @@ def median(values: list[float]) -> float:
     return float(statistics.median(values))
 
 
+def paired_ratio(times: dict[str, list[float]], num: str, den: str) -> float:
+    """Median over rounds of ``times[num][i] / times[den][i]``: each round's two sides ran back to back, so a load
+    that drifts during the bench cancels within a round (a ratio of medians would mix rounds)."""
+    return median([a / b for a, b in zip(times[num], times[den], strict=True)])
+
+
 def peak_rss_mb() -> float:
     """This process's peak resident set size so far (VmHWM), in MiB; ru_maxrss where /proc is missing."""
     status = Path("/proc/self/status")

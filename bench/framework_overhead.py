@@ -12,6 +12,7 @@ Stage: task 1's expert stage of ``dynamic_conpet`` (FewRel). Ratio = framework s
 from __future__ import annotations
 
 import time
+import warnings
 from typing import Any
 
 import torch
@@ -23,6 +24,7 @@ from bench.common import (
     fit_stage,
     interleaved,
     median,
+    paired_ratio,
     ratio_entry,
     size_overrides,
 )
@@ -49,7 +51,9 @@ def bare_fit(loop: Any, stage: Any) -> int:
             method.train()
             for i, indices in enumerate(dm.train_plan(epoch)):
                 batch = collate([dm.item("train", j) for j in indices], dm.pad_id)
-                loss = method.training_step(batch, i)
+                with warnings.catch_warnings():  # self.log() without a Trainer warns, then does nothing
+                    warnings.simplefilter("ignore")
+                    loss = method.training_step(batch, i)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 if stage.grad_clip:
@@ -114,10 +118,12 @@ def run(size: str = "small", threads: int = 1) -> list[dict[str, Any]]:
         n_train = len(loop.datamodule.indices("train", task))
     fw, bare_s = median(times["framework"]), median(times["bare"])
     fw_rate, bare_rate = steps["framework"] / fw, steps["bare"] / bare_s
+    # equal steps on both sides: the throughput ratio is bare seconds over framework seconds, per round
+    ratio = paired_ratio(times, "bare", "framework") * steps["framework"] / steps["bare"]
     return [
         ratio_entry(
             "framework_throughput",
-            fw_rate / bare_rate,
+            ratio,
             TARGET,
             ">=",
             what="training steps/s of one stage through TaskLoop.fit_stage (Trainer, callbacks, replay plan, W&B "
@@ -131,12 +137,13 @@ def run(size: str = "small", threads: int = 1) -> list[dict[str, Any]]:
                 "batch_size": loop.cfg.train.batch_size,
                 "torch_threads": threads,
                 "repeats": REPEATS[size],
-                "statistic": "median seconds per side, interleaved ABBA after one untimed warm-up each",
+                "statistic": "median of per-round ratios, rounds interleaved ABBA after one untimed warm-up each",
             },
             details={
                 "steps": steps,
                 "seconds": {k: [round(x, 3) for x in v] for k, v in times.items()},
-                "steps_per_second": {"framework": round(fw_rate, 3), "bare": round(bare_rate, 3)},
+                "median_steps_per_second": {"framework": round(fw_rate, 3), "bare": round(bare_rate, 3)},
+                "ratio_of_best_times": round(min(times["bare"]) / min(times["framework"]), 4),
             },
         )
     ]
