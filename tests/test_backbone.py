@@ -1,16 +1,15 @@
 from __future__ import annotations
 
 import re
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
+from conpet_lightning.data.markers import CANONICAL, markers_for
 from conpet_lightning.data.records import MASK
 from conpet_lightning.models import backbone as bb
 from conpet_lightning.models.backbone import BACKBONES, LoadedBackbone, is_decoder_config, load_backbone
-from conpet_lightning.models.markers import CANONICAL, markers_for
 
 TEXT = "[unused0] Marie Curie [unused1] married [unused2] Pierre Curie [unused3] . In this sentence, x is the [MASK] ."
 
@@ -93,14 +92,11 @@ def test_forward_shapes(tiny_bert: LoadedBackbone, tiny_llama: LoadedBackbone) -
 
 
 def test_real_minilm_loads_offline() -> None:
-    start = time.perf_counter()
     b = load_backbone("minilm")
-    elapsed = time.perf_counter() - start
     cfg = b.model.config
     assert type(b.model).__name__ == "BertModel" and not b.is_decoder
     assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.vocab_size) == (384, 6, 30522)
     assert b.markers.mask_token_id == 103 and b.markers.marker_ids == (1, 2, 3, 4)
-    assert elapsed < 10, f"minilm took {elapsed:.1f} s"
 
 
 def test_local_path_and_dtype(tiny_bert: LoadedBackbone, tiny_llama: LoadedBackbone, tmp_path: Path) -> None:
@@ -142,16 +138,31 @@ def test_atomic_write_leaves_nothing_on_failure(tmp_path: Path) -> None:
     assert [p.name for p in (tmp_path / "model").iterdir()] == ["ok.txt"]
 
 
-def test_tokenizer_cache_second_load_is_fast(tmp_path: Path, tiny_llama: LoadedBackbone) -> None:
-    first = time.perf_counter()
+def _gguf_reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Record every load that reads the GGUF file (a conversion); a cached load reads none."""
+    calls: list[str] = []
+    for cls in (bb.AutoTokenizer, bb.AutoModel):
+        real = cls.from_pretrained
+
+        def spy(*args: object, _real: object = real, _name: str = cls.__name__, **kwargs: object) -> object:
+            if kwargs.get("gguf_file"):
+                calls.append(_name)
+            return _real(*args, **kwargs)  # type: ignore[operator]
+
+        monkeypatch.setattr(cls, "from_pretrained", spy)
+    return calls
+
+
+def test_tokenizer_cache_second_load_reads_no_gguf(
+    tmp_path: Path, tiny_llama: LoadedBackbone, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    reads = _gguf_reads(monkeypatch)
     load_backbone("tiny-llama", cache_dir=tmp_path)  # converts the GGUF tokenizer (about 3 s)
-    first = time.perf_counter() - first
+    assert reads == ["AutoTokenizer"]
     assert (tmp_path / "tokenizer" / "tokenizer.json").is_file()
     assert [p.name for p in tmp_path.iterdir()] == ["tokenizer"]  # no temporary folder left behind
-    second = time.perf_counter()
     again = load_backbone("tiny-llama", cache_dir=tmp_path)
-    second = time.perf_counter() - second
-    assert second < 1.5 and second < first, (first, second)
+    assert reads == ["AutoTokenizer"]  # the second load came from the cache
     sample = "[unused0] Paris [unused1] is big . In this sentence, Paris is a [MASK] ."
     for b in (again, tiny_llama):
         assert (
@@ -161,14 +172,13 @@ def test_tokenizer_cache_second_load_is_fast(tmp_path: Path, tiny_llama: LoadedB
 
 
 @pytest.mark.slow
-def test_real_smollm2_converts_once(tmp_path: Path) -> None:
-    start = time.perf_counter()
+def test_real_smollm2_converts_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    reads = _gguf_reads(monkeypatch)
     first = load_backbone("smollm2", cache_dir=tmp_path)  # GGUF de-quantisation, about 15 s
-    converted = time.perf_counter() - start
-    start = time.perf_counter()
+    converted = list(reads)
+    assert "AutoModel" in converted
     second = load_backbone("smollm2", cache_dir=tmp_path)
-    cached = time.perf_counter() - start
-    assert cached < 3, (converted, cached)
+    assert reads == converted  # the second load read no GGUF
     cfg = second.model.config
     assert type(second.model).__name__ == "LlamaModel" and second.is_decoder
     assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.vocab_size) == (576, 30, 3, 49152)

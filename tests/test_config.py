@@ -51,7 +51,7 @@ def test_unknown_key_is_named():
 def test_unknown_experiment_and_scale():
     with pytest.raises(ConfigError, match="available"):
         load_config("no_such_experiment")
-    with pytest.raises(ConfigError, match="scale 'huge'"):
+    with pytest.raises(ConfigError, match="scale='huge'"):
         load_config("naive", ["scale=huge"])
 
 

@@ -7,6 +7,7 @@ import torch
 
 from conpet_lightning.callbacks.base import TaskCallback
 from conpet_lightning.callbacks.routing import apply_teacher_forcing
+from conpet_lightning.config import ConfigError, load_config
 from conpet_lightning.methods.dynamic import expert_name
 from tests.helpers import tiny_loop
 
@@ -19,10 +20,18 @@ class Recorder(TaskCallback):
         self.selector_rows: dict[int, torch.Tensor] = {}
         self.selector_end: dict[int, torch.Tensor] = {}
         self.routes: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+        self.expert_start: dict[int, dict[str, torch.Tensor]] = {}
 
     def on_task_start(self, loop, task):
         if loop.method.selector_head is not None:
             self.selector_rows[task] = loop.method.selector_head.weight.detach().clone()
+
+    def on_stage_start(self, ctx, task, stage):
+        if stage.name == "expert":
+            self.expert_start[task] = {
+                **ctx.method.encoder.adapter_state(expert_name(task)),
+                "head": ctx.method.expert_heads[task].weight.detach().clone(),
+            }
 
     def on_task_end(self, loop, task):
         m = loop.method
@@ -33,9 +42,19 @@ class Recorder(TaskCallback):
         if m.selector_head is not None:
             self.selector_end[task] = m.selector_head.weight.detach().clone()
 
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if pl_module.stage == "expert" and "route" in batch:
-            self.routes.append((pl_module.task, batch["route"].clone(), batch["task_ids"].clone()))
+    def on_run_start(self, ctx):
+        """Wrap the attached router: every training route is recorded with the gold tasks."""
+        router, method = ctx.method.router, ctx.method
+        recorder = self
+
+        class Recording:
+            def route(self, m, batch, *, train):
+                out = router.route(m, batch, train=train)
+                if train and method.stage == "expert":
+                    recorder.routes.append((method.task, out.clone(), batch["task_ids"].clone()))
+                return out
+
+        method.attach_router(Recording())
 
 
 @pytest.fixture(scope="module")
@@ -54,8 +73,11 @@ def test_earlier_experts_are_bit_identical_after_later_tasks(dynamic_run):
             before, after = rec.experts[t][t], rec.experts[k][t]
             assert before.keys() == after.keys()
             assert all(torch.equal(before[name], after[name]) for name in before), (t, k)
-    # and training did change the newest expert (the check above is not vacuous)
-    assert not torch.equal(rec.experts[1][1]["head"], rec.experts[2][2]["head"][: rec.experts[1][1]["head"].shape[0]])
+    # and training did change each expert in its own stage (the check above is not vacuous)
+    for k in range(4):
+        start, end = rec.expert_start[k], rec.experts[k][k]
+        assert not torch.equal(start["head"], end["head"]), k
+        assert any(not torch.equal(start[n], end[n]) for n in start if n != "head"), k  # its LoRA too
 
 
 def test_selector_head_grows_by_one_row_with_old_rows_copied(dynamic_run):
@@ -154,10 +176,9 @@ def test_no_selector_routes_every_sample_to_every_expert(tmp_path):
     assert len(out["accuracy_matrix"]) == 2
 
 
-def test_selector_without_routing_callback_is_a_clear_error(tmp_path):
-    loop = tiny_loop("dynamic_conpet", tmp_path, "callbacks.routing=null", num_tasks=2)
-    with pytest.raises(RuntimeError, match="routing callback"):
-        loop.run()
+def test_selector_without_routing_callback_is_refused_before_anything_loads(tmp_path):
+    with pytest.raises(ConfigError, match="method.selector=true needs a router callback"):
+        load_config("dynamic_conpet", ["callbacks.routing=null"])
 
 
 class OldOnlyCheck(TaskCallback):

@@ -51,7 +51,7 @@ def test_resume_refuses_a_finished_run_and_a_folder_without_results(tmp_path, ca
     with pytest.raises(ConfigError, match="nothing to resume"):
         TaskLoop.resume(loop.run_dir)
     assert main(["resume", str(tmp_path / "nowhere")]) == 2
-    assert "has no config.yaml" in capsys.readouterr().err
+    assert "no such folder" in capsys.readouterr().err
 
 
 def test_sigterm_exits_nonzero_and_the_run_resumes(tmp_path, monkeypatch, capsys):

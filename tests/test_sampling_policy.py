@@ -89,7 +89,7 @@ def test_task0_is_a_full_shuffled_epoch(policy_id: int) -> None:
 
 def test_policy0_covers_the_union_exactly_once() -> None:
     pools = make_pools([17, 40, 5, 61])
-    plan = DynamicReplayPolicy(policy=0, seed=4).train_plan(3, pools, 16, 2)
+    plan = DynamicReplayPolicy(policy=0, batch_limit=50, seed=4).train_plan(3, pools, 16, 2)
     counts = Counter(i for b in plan for i in b)
     assert set(counts) == set(range(123)) and set(counts.values()) == {1}
 
@@ -188,15 +188,15 @@ def test_validation_plan_is_fixed_within_a_task() -> None:
 
 def test_bad_inputs_raise_clear_errors() -> None:
     with pytest.raises(ValueError, match="policy 3"):
-        DynamicReplayPolicy(policy=3)
+        DynamicReplayPolicy(policy=3, batch_limit=50)
     with pytest.raises(ValueError, match="no training batch"):
         DynamicReplayPolicy(policy=2, batch_limit=1)
     with pytest.raises(ValueError, match="exactly one pool"):
-        DynamicReplayPolicy().train_plan(0, make_pools([3, 3]), 2, 0)
+        DynamicReplayPolicy(policy=2, batch_limit=50).train_plan(0, make_pools([3, 3]), 2, 0)
     with pytest.raises(ValueError, match=r"pools\[1\]"):
-        DynamicReplayPolicy().train_plan(1, [np.arange(3), np.zeros((2, 2), dtype=int)], 2, 0)
+        DynamicReplayPolicy(policy=2, batch_limit=50).train_plan(1, [np.arange(3), np.zeros((2, 2), dtype=int)], 2, 0)
     with pytest.raises(ValueError, match="needs batch_size"):
-        DynamicReplayPolicy(policy=0).num_train_batches(2, make_pools([3, 3, 3]))
+        DynamicReplayPolicy(policy=0, batch_limit=50).num_train_batches(2, make_pools([3, 3, 3]))
     with pytest.raises(ValueError, match="none of the pools"):
         replay_composition([[0, 99]], make_pools([3, 3]))
 

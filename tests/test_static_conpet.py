@@ -29,10 +29,10 @@ from conpet_lightning.callbacks.base import TaskCallback
 from conpet_lightning.callbacks.memory import EpisodicMemoryCallback
 from conpet_lightning.callbacks.replay import DynamicReplayCallback
 from conpet_lightning.loop import TaskLoop
-from conpet_lightning.methods.static.common import encode_records, eval_mode
 from conpet_lightning.methods.static.crl import CRLModule
 from conpet_lightning.methods.static.eaemr import EAEMRModule
 from conpet_lightning.methods.static.regularized import EWCModule, LwFModule
+from conpet_lightning.passes import encode_records, eval_mode
 from conpet_lightning.policies import DynamicReplayPolicy
 from conpet_lightning.policies.memory import select_exemplars
 from conpet_lightning.policies.sampling import decimal_ceil, decimal_floor
@@ -86,6 +86,8 @@ class Recorder(TaskCallback):
         self.penalty: dict[int, list[tuple[str, float]]] = defaultdict(list)
         self.test_align: dict[int, tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]] = {}
         """EA-EMR: (A before, A) as the test of each task used them."""
+        self.run_callbacks: list[TaskCallback] = []
+        """The run's callbacks (set by the fixture), to find the episodic memory."""
 
     # ------------------------------------------------------------------------------------------------ training
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
@@ -125,7 +127,7 @@ class Recorder(TaskCallback):
                 hidden = encode_records(m, dm, "train", pool, m.represent)
                 labels = torch.tensor([dm.item("train", int(i))["label"] for i in pool])
                 snap["memory_means"] = {int(c): hidden[labels == c].mean(0) for c in labels.unique()}
-        memory = next((cb for cb in loop.callbacks if isinstance(cb, EpisodicMemoryCallback)), None)
+        memory = next((cb for cb in self.run_callbacks if isinstance(cb, EpisodicMemoryCallback)), None)
         if memory is not None and not isinstance(m, (CRLModule, EAEMRModule)):  # mid-task pick; A refitted after
             snap["expected_memory"] = {
                 part: self.expected_exemplars(loop, memory, part, task, n)
@@ -202,6 +204,7 @@ def runs(tmp_path_factory) -> Callable[[str], tuple[TaskLoop, Recorder, dict[str
             root = tmp_path_factory.mktemp(name)
             loop = tiny_loop(experiment, root, "train.num_threads=1", *overrides, num_tasks=num_tasks)
             recorder = Recorder()
+            recorder.run_callbacks = loop.callbacks
             loop.callbacks.append(recorder)
             returned = loop.run()
             saved = json.loads((loop.run_dir / "metrics.json").read_text())
@@ -550,6 +553,11 @@ def write_text(self, *args, **kwargs):
     writes.append(self.name)
     return original_write(self, *args, **kwargs)
 Path.write_text = write_text
+original_replace = os.replace
+def replace(src, dst):  # run files are written atomically: a temp file renamed over the target
+    writes.append(Path(dst).name)
+    return original_replace(src, dst)
+os.replace = replace
 
 class Dump(TaskCallback):
     def __init__(self):

@@ -37,8 +37,14 @@ def _is_launched_rank() -> bool:
 
 
 def _finished_on_disk(run_dir: Path) -> int | None:
-    """Tasks recorded in the folder's metrics.json (0 without one); None if it is unreadable (keep the folder)."""
+    """Tasks recorded in the folder's metrics.json (0 without one); None if it holds something to resume from.
+
+    None means "keep the folder": an unreadable metrics.json, or a trained stage or epoch of the first task (a run
+    killed inside a stage continues from its last completed epoch).
+    """
     path = run_dir / "metrics.json"
+    if any((run_dir / "checkpoints").glob("*/*/*.ckpt")) or any((run_dir / "checkpoints").glob("*/*/final.pt")):
+        return None
     if not path.is_file():
         return 0
     try:
@@ -49,9 +55,9 @@ def _finished_on_disk(run_dir: Path) -> int | None:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     """Run an experiment in a new folder; one that fails before its first task finishes leaves no folder behind."""
+    cfg = load_config(args.experiment, args.overrides)  # every option checked before the heavy imports
     from conpet_lightning.loop import TaskLoop
 
-    cfg = load_config(args.experiment, args.overrides)
     base = Path(cfg.output_dir) / cfg.experiment
     if _is_launched_rank() and os.environ.get(RUN_DIR_ENV):
         return _run_to_end(TaskLoop(cfg, Path(os.environ[RUN_DIR_ENV])))  # rank 0 holds the folder and its lock
@@ -97,8 +103,7 @@ def _cmd_resume(args: argparse.Namespace) -> int:
         loop = TaskLoop.resume(run_dir, overrides=accepted)
         if accepted and not launched:
             record_resume_overrides(run_dir, accepted)
-        assert loop.finished is not None
-        done = len(loop.finished["per_task"])
+        done = len(loop.finished["per_task"]) if loop.finished else 0
         print(f"[conpet] resuming {run_dir} after {done} finished task(s)", flush=True)
         return _run_to_end(loop)
 
@@ -145,6 +150,21 @@ def _run_to_end(loop: TaskLoop, discard: Path | None = None) -> int:
         return code
     print(_done_line(out["summary"], loop.run_dir), flush=True)
     return 0
+
+
+def _cmd_config(args: argparse.Namespace) -> int:
+    """Print the resolved, validated configuration with each option's doc and default."""
+    from conpet_lightning.describe import describe_config
+
+    print(describe_config(load_config(args.experiment, args.overrides)), end="")
+    return 0
+
+
+def _experiments_epilog() -> str:
+    from conpet_lightning.describe import experiment_summaries
+
+    rows = "\n".join(f"  {name:<22} {doc}" for name, doc in experiment_summaries())
+    return f"experiments:\n{rows}\n\nsee every option of one: conpet config EXPERIMENT [key=value ...]"
 
 
 def _cmd_stats(args: argparse.Namespace) -> int:
@@ -207,10 +227,19 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``conpet``."""
     parser = argparse.ArgumentParser(prog="conpet", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="run an experiment (a name in experiments/ or a YAML path)")
+    run = sub.add_parser(
+        "run",
+        help="run an experiment (a name in experiments/ or a YAML path)",
+        epilog=_experiments_epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     run.add_argument("experiment")
     run.add_argument("overrides", nargs="*", help="key=value config overrides")
     run.set_defaults(func=_cmd_run)
+    conf = sub.add_parser("config", help="print an experiment's resolved configuration, each option with its doc")
+    conf.add_argument("experiment")
+    conf.add_argument("overrides", nargs="*", help="key=value config overrides")
+    conf.set_defaults(func=_cmd_config)
     resume = sub.add_parser("resume", help="continue a killed run from its folder, after its last finished task")
     resume.add_argument("run_dir")
     resume.add_argument(

@@ -7,7 +7,7 @@ Unknown or mistyped keys fail before any model is loaded, with the offending key
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +17,33 @@ from omegaconf.errors import OmegaConfBaseException
 
 class ConfigError(ValueError):
     """A configuration problem: unknown key, wrong type, missing file, bad value."""
+
+
+class OptionError(ConfigError):
+    """A bad value of one option, raised by an options dataclass; ``check_options`` prefixes the section."""
+
+    def __init__(self, key: str, value: Any, allowed: str) -> None:
+        self.key, self.value, self.allowed = key, value, allowed
+        super().__init__(f"{key}={value!r} is not allowed: {allowed}")
+
+
+def require_choice(key: str, value: Any, allowed: tuple[Any, ...]) -> None:
+    """``value`` must be one of ``allowed``."""
+    if value not in allowed:
+        raise OptionError(key, value, "one of " + ", ".join(str(a) for a in allowed))
+
+
+def require_range(
+    key: str, value: float | None, *, low: float | None = None, high: float | None = None, open_low: bool = False
+) -> None:
+    """``low <= value <= high`` (``low < value`` with ``open_low``); None passes (an unset optional)."""
+    if value is None:
+        return
+    too_low = low is not None and (value <= low if open_low else value < low)
+    if too_low or (high is not None and value > high):
+        lo = "" if low is None else (f"> {low}" if open_low else f">= {low}")
+        hi = "" if high is None else f"<= {high}"
+        raise OptionError(key, value, " and ".join(x for x in (lo, hi) if x))
 
 
 @dataclass
@@ -76,9 +103,14 @@ class TrainConfig:
     """Optimisation and Trainer settings shared by every stage (a method may override epochs per stage)."""
 
     epochs: int = 2
+    steps_per_task: int | None = None
+    """Equal budgets: every task trains exactly this many optimizer steps, split over its stages (in proportion to
+    their epochs, or by the method's stated shares), validated as often as it has epochs. None: ConPET's own
+    ratios, each stage runs its epochs over its data plan."""
     batch_size: int = 8
     """Global training batch size; each DDP rank gets batch_size / world_size."""
-    lr: float = 5e-4
+    lr: float = 2e-3
+    """The CPU default; ``scale=paper`` sets ConPET's per dataset (experiments/_conpet_budgets.yaml)."""
     lr_by_task: list[float] | None = None
     """Per-task learning rates (0-based task index); the last value repeats. Overrides ``lr``."""
     weight_decay: float = 0.01
@@ -188,29 +220,89 @@ def _expand_callback_presets(cfg: DictConfig, callbacks_dir: Path) -> None:
         cfg.callbacks[slot] = OmegaConf.merge(_read_yaml(callbacks_dir / f"{preset}.yaml"), overrides)
 
 
-def _apply_scale(cfg: DictConfig, scales: DictConfig | None) -> DictConfig:
-    if not scales:
-        return cfg
+#: Benchmark keys a scale overlay may name besides ``all``: the shipped benchmarks and ConPET's licensed sets.
+SHIPPED_BENCHMARKS = ("fewrel", "fewnerd", "clinc150", "banking77")
+LICENSED_BENCHMARKS = ("tacred", "ace", "ontonotes", "bbn")
+#: The file of ConPET's per-benchmark budgets (METHOD.md §7) that scale overlays reference as ``${conpet_budget.X}``.
+BUDGETS_FILE = "_conpet_budgets.yaml"
+
+
+def _benchmark_key(cfg: DictConfig) -> str:
+    """The benchmark whose overlay and budget row apply: a ``conpet_json`` run takes its dataset's."""
     data = cfg.get("data") or {}
-    scale, bench = cfg.get("scale", "cpu"), data.get("benchmark", "fewrel")
+    bench = str(data.get("benchmark", DataConfig.benchmark))
     if bench == "conpet_json" and data.get("conpet_dataset"):
-        bench = data.get("conpet_dataset")  # licensed sets take their own dataset's budgets
-    block = scales.get(scale)
+        return str(data.get("conpet_dataset"))
+    return bench
+
+
+def _apply_scale(cfg: DictConfig, scales: DictConfig | None, defined_slots: set[str], where: str) -> DictConfig:
+    """Merge the ``all`` and the benchmark's overlay of the active scale.
+
+    An overlay tunes the callbacks the experiment defines and never adds one: an overlay for a slot the experiment
+    files never define is an error (a typo or a stale overlay); one for a slot removed on the command line is dropped.
+    """
+    scale, bench = str(cfg.get("scale", "cpu")), _benchmark_key(cfg)
+    block = (scales or {}).get(scale)
     if block is None:
         if scale != "cpu":
-            raise ConfigError(f"scale '{scale}' is not defined; defined scales: {sorted(scales.keys())}")
+            raise ConfigError(f"scale={scale!r} is not defined in {where}; defined: {sorted((scales or {}).keys())}")
         return cfg
+    for key in block:
+        if key != "all" and key not in (*SHIPPED_BENCHMARKS, *LICENSED_BENCHMARKS):
+            allowed = ", ".join(("all", *SHIPPED_BENCHMARKS, *LICENSED_BENCHMARKS))
+            raise ConfigError(f"{where}: scales.{scale}.{key} names no benchmark; allowed: {allowed}")
     present = {slot for slot, entry in (cfg.get("callbacks") or {}).items() if entry is not None}
     for key in ("all", bench):
         overlay = block.get(key)
         if overlay is None:
             continue
-        if overlay.get("callbacks") is not None:  # an overlay tunes the experiment's callbacks, never adds one
+        if overlay.get("callbacks") is not None:
             overlay = overlay.copy()
-            for slot in [s for s in overlay.callbacks if s not in present]:
-                del overlay.callbacks[slot]
+            for slot in list(overlay.callbacks):
+                if overlay.callbacks[slot] is None:  # an extending experiment says: nothing to tune here
+                    del overlay.callbacks[slot]
+                    continue
+                if slot not in defined_slots:
+                    raise ConfigError(
+                        f"{where}: scales.{scale}.{key}.callbacks.{slot} tunes a callback slot the experiment does not "
+                        f"have; its slots: {', '.join(sorted(defined_slots)) or 'none'}"
+                    )
+                if slot not in present:  # removed on the command line (an ablation): nothing to tune
+                    del overlay.callbacks[slot]
         cfg = OmegaConf.merge(cfg, overlay)
     return cfg
+
+
+def _resolve_budgets(cfg: DictConfig, budgets: DictConfig, where: str) -> DictConfig:
+    """Resolve ``${conpet_budget.X}`` against the active benchmark's row of the budget table, then drop the row."""
+    bench = _benchmark_key(cfg)
+    cfg = cfg.copy()
+    cfg.conpet_budget = budgets.get(bench, {})
+    try:
+        OmegaConf.resolve(cfg)
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"{where}: {_one_line(err)} (benchmark {bench}; budget table {BUDGETS_FILE})") from err
+    cfg.pop("conpet_budget")
+    return cfg
+
+
+def _one_line(err: Exception) -> str:
+    """An OmegaConf error's message without its multi-line context."""
+    return str(getattr(err, "msg", None) or err).strip().splitlines()[0]
+
+
+def overlay_points(scales: DictConfig | None) -> list[tuple[str, str]]:
+    """Every (scale, benchmark) an experiment can run at: each defined scale with every benchmark key."""
+    return [(str(scale), bench) for scale in (scales or {}) for bench in (*SHIPPED_BENCHMARKS, *LICENSED_BENCHMARKS)]
+
+
+def _point_overrides(scale: str, bench: str) -> DictConfig:
+    if bench in LICENSED_BENCHMARKS:
+        data = {"benchmark": "conpet_json", "conpet_dataset": bench, "local_path": "<licensed>"}
+    else:
+        data = {"benchmark": bench}
+    return OmegaConf.create({"scale": scale, "data": data})
 
 
 def load_config(
@@ -221,6 +313,9 @@ def load_config(
     callbacks_dir: Path | None = None,
 ) -> RunConfig:
     """Compose and validate a run configuration.
+
+    Every scale overlay of every benchmark the experiment defines is composed and validated too, so a bad overlay
+    fails every run of the experiment at once, not the first run at that scale.
 
     Args:
         experiment: an experiment name (``dynamic_conpet``) or a path to its YAML file.
@@ -234,23 +329,49 @@ def load_config(
     if path.suffix not in (".yaml", ".yml"):
         path = experiments_dir / f"{experiment}.yaml"
         if not path.is_file():
-            names = sorted(p.stem for p in experiments_dir.glob("*.yaml") if not p.stem.startswith("_"))
-            raise ConfigError(f"unknown experiment '{experiment}'; available: {', '.join(names)}")
+            names = ", ".join(experiment_names(experiments_dir))
+            raise ConfigError(f"unknown experiment '{experiment}'; available: {names}")
     chain = _experiment_chain(path.resolve())
     base = experiments_dir / "_base.yaml"
     layers = ([_read_yaml(base)] if base.is_file() and base.resolve() != path.resolve() else []) + chain
+    budgets_path = experiments_dir / BUDGETS_FILE
+    budgets = _read_yaml(budgets_path) if budgets_path.is_file() else OmegaConf.create({})
     try:
         cli = OmegaConf.from_dotlist(list(overrides or []))
     except Exception as err:
-        raise ConfigError(f"bad command-line override {overrides}: {err}") from err
-    merged = OmegaConf.merge(*layers, cli)
-    merged.setdefault("experiment", path.stem)
-    scales = merged.pop("scales", None)
-    merged = _apply_scale(merged, scales)
-    merged = OmegaConf.merge(merged, cli)  # the command line always wins over scale overlays
-    merged.pop("scales", None)
-    _expand_callback_presets(merged, callbacks_dir)
-    return validate(merged)
+        raise ConfigError(f"bad command-line override {overrides}: {_one_line(err)}") from err
+    files = OmegaConf.merge(*layers)
+    files.setdefault("experiment", path.stem)
+    scales = files.pop("scales", None)
+    defined = {str(slot) for slot, entry in (files.get("callbacks") or {}).items() if entry is not None}
+    where = str(path)
+
+    def compose(extra: DictConfig) -> RunConfig:
+        merged = OmegaConf.merge(files, extra)
+        merged = _apply_scale(merged, scales, defined, where)
+        merged = OmegaConf.merge(merged, extra)  # the command line always wins over scale overlays
+        merged = _resolve_budgets(merged, budgets, where)
+        _expand_callback_presets(merged, callbacks_dir)
+        return validate(merged)
+
+    files_key = (where, str(callbacks_dir), *(OmegaConf.to_yaml(layer) for layer in layers), OmegaConf.to_yaml(budgets))
+    if files_key not in _CHECKED_FILES:  # each experiment's overlays are checked once per process
+        for scale, bench in overlay_points(scales):
+            try:
+                compose(_point_overrides(scale, bench))
+            except ConfigError as err:
+                raise ConfigError(f"at scale={scale}, benchmark={bench}: {err}") from err
+        _CHECKED_FILES.add(files_key)
+    return compose(cli)
+
+
+_CHECKED_FILES: set[tuple[str, ...]] = set()
+
+
+def experiment_names(experiments_dir: Path | None = None) -> list[str]:
+    """The experiments a user can run (files in ``experiments/`` not starting with ``_``)."""
+    folder = experiments_dir or PROJECT_ROOT / "experiments"
+    return sorted(p.stem for p in folder.glob("*.yaml") if not p.stem.startswith("_"))
 
 
 def validate(raw: DictConfig | dict[str, Any]) -> RunConfig:
@@ -260,8 +381,10 @@ def validate(raw: DictConfig | dict[str, Any]) -> RunConfig:
         merged = OmegaConf.merge(schema, raw)
     except OmegaConfBaseException as err:
         key = getattr(err, "full_key", None) or getattr(err, "key", None)
-        raise ConfigError(f"invalid config key '{key}': {err.msg if hasattr(err, 'msg') else err}") from err
+        raise ConfigError(f"invalid config key '{key}': {_one_line(err)}") from err
     cfg: RunConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    if cfg.train.steps_per_task is not None and cfg.train.steps_per_task < 1:
+        raise ConfigError(f"train.steps_per_task={cfg.train.steps_per_task} is not allowed: an integer >= 1 or null")
     if cfg.train.batch_size <= 0 or cfg.train.epochs < 0:
         raise ConfigError("train.batch_size must be > 0 and train.epochs >= 0")
     if cfg.train.batch_size % max(cfg.train.devices, 1):
@@ -276,6 +399,7 @@ def validate(raw: DictConfig | dict[str, Any]) -> RunConfig:
     if cfg.data.num_tasks is not None and cfg.data.num_tasks < 1:
         # the upper bound needs the benchmark: data.benchmarks.check_num_tasks, where it is loaded
         raise ConfigError(f"data.num_tasks must be at least 1 (or null for all tasks), got {cfg.data.num_tasks}")
+    cfg.method, cfg.callbacks = check_composition(cfg)
     return cfg
 
 
@@ -294,13 +418,49 @@ def check_task_order_spec(spec: Any) -> None:
     )
 
 
-def check_options(cls: type, options: dict[str, Any], where: str) -> Any:
-    """Build a per-component config dataclass from a mapping, failing on unknown keys or wrong types."""
+def check_options(cls: type, options: Any, where: str) -> Any:
+    """Build a component's options dataclass from a mapping; unknown keys, wrong types and bad values name the key."""
     try:
         return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cls), options))
+    except OptionError as err:
+        raise ConfigError(f"{where}.{err.key}={err.value!r} is not allowed: {err.allowed}") from err
     except OmegaConfBaseException as err:
         key = getattr(err, "full_key", None) or getattr(err, "key", None)
-        raise ConfigError(f"invalid key '{where}.{key}': {getattr(err, 'msg', err)}") from err
+        raise ConfigError(f"invalid key '{where}.{key}': {_one_line(err)}") from err
+
+
+def check_composition(cfg: RunConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Every section checked before anything loads: the method's options, each callback's options, and the pairing.
+
+    A callback needs the capabilities (``contract`` Protocols) it names in ``requires`` from the method class, and
+    may add cross-field rules (``check_pairing``: top-k routing needs a selector). Returns the ``method`` and
+    ``callbacks`` sections with every option filled in from its dataclass, so config.yaml shows what ran.
+    """
+    from conpet_lightning.contract import missing_capabilities
+    from conpet_lightning.registry import CALLBACKS, METHODS
+
+    method_cls = METHODS.get(str(cfg.method["name"]))
+    method_options = check_options(method_cls.options_cls, cfg.method, "method")
+    provided: set[str] = set()
+    callbacks: dict[str, Any] = {}
+    for slot, entry in cfg.callbacks.items():
+        if entry is None:
+            continue
+        if not isinstance(entry, dict) or "name" not in entry:
+            raise ConfigError(f"callbacks.{slot}: needs 'preset' (a file in callbacks/) or 'name'")
+        cb_cls = CALLBACKS.get(str(entry["name"]))
+        options = cb_cls.parse_options(entry, slot)
+        missing = missing_capabilities(method_cls, cb_cls.requires)
+        if missing:
+            raise ConfigError(
+                f"callbacks.{slot}: '{entry['name']}' needs a method with {', '.join(missing)}; "
+                f"method '{cfg.method['name']}' has none"
+            )
+        cb_cls.check_pairing(slot, options, method_options)
+        provided.update(cb_cls.provides)
+        callbacks[slot] = {"name": entry["name"]} if options is None else asdict(options)
+    method_cls.check_pairing(method_options, provided)
+    return asdict(method_options), callbacks
 
 
 def to_yaml(cfg: RunConfig) -> str:

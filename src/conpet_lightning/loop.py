@@ -1,29 +1,28 @@
 """The task-loop orchestrator: a fresh Trainer per stage of each task, then a test on all seen tasks.
 
-For each task, for each stage the method declares, a fresh Trainer fits and the best epoch (by the stage's
-validation metric) is restored; then all seen tasks are tested.
+For each task, for each stage the method declares, a fresh Trainer fits and the best epoch (by the stage's validation
+metric) is restored; then all seen tasks are tested. The run's callbacks (the accuracy matrix, the configured ones,
+continual evaluation, the dashboard) are ordinary ``TaskCallback`` objects in one list, called at task and stage
+boundaries with the run's ``RunContext``; the run folder is written by ``RunFolder`` alone, atomically.
 
-Run state (config, metrics, the accuracy matrix, each stage's trained weights) is written after every task, so
-nothing finished is lost, and ``TaskLoop.resume`` continues a killed run at the first unfinished task: finished tasks
-are replayed without training (each stage's saved weights are loaded where its fit would have ended, and every
-task-end step such as memory selection or the EA-EMR alignment runs again on them), then training goes on.
+Randomness is explicit: every (task, stage) and every epoch has a seed of its own (``contract.stream_seed``), set
+before any parameter of that task or stage is created. So a resumed run rebuilds finished tasks exactly: each stage
+is set up as it was, its saved weights are loaded where its fit ended (``before_fit`` and every hook after the fit
+run again on them, with no Trainer fit), and a stage that was killed midway continues from Lightning's checkpoint of
+its last completed epoch (weights, optimizer, loop state). The resumed run ends with the uninterrupted run's results.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import time
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import OmegaConf
 
 from conpet_lightning.callbacks.base import TaskCallback
@@ -31,30 +30,39 @@ from conpet_lightning.callbacks.continual_eval import ContinualEvalCallback
 from conpet_lightning.callbacks.continual_metrics import ContinualMetricsCallback
 from conpet_lightning.callbacks.dashboard import DashboardCallback
 from conpet_lightning.callbacks.progress import TaskProgressBar
-from conpet_lightning.config import ConfigError, RunConfig, to_yaml, validate
-from conpet_lightning.data.benchmarks import load_benchmark, resolve_task_order
+from conpet_lightning.config import PROJECT_ROOT, ConfigError, RunConfig, to_yaml, validate
+from conpet_lightning.contract import FitContext, RunContext, StageSpec, split_steps, stream_seed
+from conpet_lightning.data.benchmarks import check_num_tasks, load_benchmark, resolve_task_order
 from conpet_lightning.data.datamodule import ContinualDataModule
 from conpet_lightning.data.records import Benchmark
-from conpet_lightning.methods.base import ContinualMethod, StageSpec
+from conpet_lightning.methods.base import ContinualMethod
 from conpet_lightning.metrics import summarize
 from conpet_lightning.models.backbone import load_backbone
 from conpet_lightning.registry import CALLBACKS, METHODS
 from conpet_lightning.reporting.wandb_logger import RunWandbLogger, build_wandb_logger
+from conpet_lightning.run_folder import CONFIG, RunFolder, is_rank_zero
+from conpet_lightning.runfiles import read_json
 
 
-def build_benchmark(cfg: RunConfig) -> Benchmark:
-    """Load, cap and (optionally) shorten the benchmark named in the config."""
+def build_benchmark(cfg: RunConfig) -> tuple[Benchmark, list[int]]:
+    """The benchmark named in the config, reordered, capped and shortened, and its task order.
+
+    The order lists indices into the benchmark's own sequence (``data.task_order``), for metrics.json.
+    """
     d = cfg.data
     root = Path(d.root)
     if not root.is_absolute() and not root.exists():
-        root = Path(__file__).resolve().parents[2] / root
+        root = PROJECT_ROOT / root
     bench = load_benchmark(
         d.benchmark, root=root, seed=d.split_seed, local_path=d.local_path, conpet_dataset=d.conpet_dataset
     )
-    bench = bench.reordered(resolve_task_order(d.task_order, bench.num_tasks))
+    order = resolve_task_order(d.task_order, bench.num_tasks)
+    bench = bench.reordered(order)
     bench = bench.capped(train=d.max_train_per_class, valid=d.max_valid_per_class, test=d.max_test_per_class, seed=0)
     if d.num_tasks is not None:
+        check_num_tasks(d.num_tasks, bench.num_tasks, bench.name)
         keep = d.num_tasks
+        order = order[:keep]
         bench = Benchmark(
             name=bench.name,
             task_type=bench.task_type,
@@ -62,17 +70,31 @@ def build_benchmark(cfg: RunConfig) -> Benchmark:
             tasks=bench.tasks[:keep],
             parts={part: tasks[:keep] for part, tasks in bench.parts.items()},
         )
-    return bench
+    return bench, order
 
 
 def build_callbacks(cfg: RunConfig) -> list[TaskCallback]:
-    """Instantiate the callback entries of the config, in the order written."""
-    out = []
-    for slot, entry in cfg.callbacks.items():
-        if entry is None:
-            continue
-        cls = CALLBACKS.get(entry["name"])
-        out.append(cls.from_options(dict(entry), slot))
+    """The callback entries of the config, in the order written (options were checked by ``config.validate``)."""
+    return [CALLBACKS.get(entry["name"]).from_options(dict(entry), slot) for slot, entry in cfg.callbacks.items()]
+
+
+#: Budget fields totalled over all tasks and stages into the summary (``budget_<field>``).
+BUDGET_TOTALS = (
+    "steps",
+    "samples_trainable",
+    "samples_frozen_only",
+    "frozen_cache_hits",
+    "frozen_cache_misses",
+    "tokens",
+    "fit_seconds",
+)
+
+
+def budget_totals(per_task: list[dict[str, Any]]) -> dict[str, float]:
+    """The run's budget so far: each stage budget field summed over tasks and stages, plus the tests' seconds."""
+    stages = [s.get("budget", {}) for t in per_task for s in t.get("stages", {}).values()]
+    out: dict[str, float] = {f"budget_{k}": round(sum(float(b.get(k, 0)) for b in stages), 3) for k in BUDGET_TOTALS}
+    out["budget_test_seconds"] = round(sum(float(t.get("test", {}).get("seconds", 0)) for t in per_task), 3)
     return out
 
 
@@ -87,11 +109,6 @@ def quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=".*Checkpoint directory .* exists and is not empty.*")  # resume
 
 
-def is_rank_zero() -> bool:
-    """True in the process that writes the run folder: global rank 0 (Lightning's launcher sets the others' rank)."""
-    return rank_zero_only.rank == 0
-
-
 def load_reference(path: str | None) -> list[list[float | None]] | None:
     """The accuracy matrix of a reference (joint) run, for intransigence."""
     if path is None:
@@ -100,30 +117,26 @@ def load_reference(path: str | None) -> list[list[float | None]] | None:
     file = file / "metrics.json" if file.is_dir() else file
     if not file.is_file():
         raise ConfigError(f"eval.reference_run: no metrics.json at {file}")
-    return json.loads(file.read_text())["accuracy_matrix"]
+    return read_json(file, "the reference run's metrics")["accuracy_matrix"]
 
 
 class TaskLoop:
     """Drives one run: data, method, callbacks, a fresh Trainer per stage, and the run folder."""
 
-    def __init__(self, cfg: RunConfig, run_dir: Path) -> None:
+    def __init__(self, cfg: RunConfig, run_dir: Path, finished: dict[str, Any] | None = None) -> None:
         quiet_lightning()
         self.cfg = cfg
-        self.run_dir = Path(run_dir)
+        self.folder = RunFolder(run_dir)
+        self.run_dir = self.folder.path
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.finished: dict[str, Any] | None = None
+        self.finished = finished
         """The metrics.json of the tasks a resumed run already finished (``TaskLoop.resume``), else None."""
-        if is_rank_zero():
-            (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
-        self.wandb_logger: RunWandbLogger | None = build_wandb_logger(cfg, self.run_dir)
-        """One W&B logger for the run (``logging.wandb``), passed to every Trainer (``reporting.wandb_logger``)."""
-        every = cfg.eval.every_n_steps
-        self.continual_eval = ContinualEvalCallback(every) if every is not None else None
-        """Fills ``eval_curve`` when ``eval.every_n_steps`` is set (see ``callbacks.continual_eval``)."""
+        self.folder.write_config(to_yaml(cfg))
         if cfg.train.num_threads and cfg.train.accelerator == "cpu":
             torch.set_num_threads(cfg.train.num_threads)
         L.seed_everything(cfg.seed, workers=True, verbose=False)
-        self.benchmark = build_benchmark(cfg)
+        self.reference = load_reference(cfg.eval.reference_run)
+        self.benchmark, self.task_order = build_benchmark(cfg)
         self.backbone = load_backbone(cfg.model.backbone, path=cfg.model.path, dtype=cfg.model.dtype)
         self.datamodule = ContinualDataModule(
             self.benchmark,
@@ -136,60 +149,85 @@ class TaskLoop:
             template_filter=cfg.data.template_filter,
             num_workers=cfg.data.num_workers,
         )
+        L.seed_everything(stream_seed(cfg.seed, 0, "method"), workers=True, verbose=False)
         method_cls = METHODS.get(cfg.method["name"])
         self.method: ContinualMethod = method_cls(cfg, self.benchmark, self.backbone)
-        self.callbacks = build_callbacks(cfg)
+        self.wandb_logger: RunWandbLogger | None = build_wandb_logger(cfg, self.run_dir)
+        """One W&B logger for the run (``logging.wandb``), passed to every Trainer (``reporting.wandb_logger``)."""
         self.metrics = ContinualMetricsCallback(self.benchmark.num_tasks)
-        self.per_task: list[dict[str, Any]] = []
-        self.extra_loggers: list[Any] = []
-        if self.wandb_logger is not None:
-            self.extra_loggers.append(self.wandb_logger)
-        self.eval_curve: list[dict[str, Any]] = []
-        """Evaluations during training ({"task", "step", "acc": [per seen task]}), if a callback records them."""
-        self.dashboard = DashboardCallback(self.wandb_logger)
-        """PNG figures after every task, and the W&B panels when W&B is on (see ``callbacks.dashboard``)."""
-        self.callbacks += [cb for cb in (self.continual_eval, self.dashboard) if cb is not None]
-        self.reference = load_reference(cfg.eval.reference_run)
+        every = cfg.eval.every_n_steps
+        self.callbacks: list[TaskCallback] = [
+            self.metrics,
+            *build_callbacks(cfg),
+            *([ContinualEvalCallback(every)] if every is not None else []),
+            DashboardCallback(self.wandb_logger),
+        ]
+        for cb in self.callbacks:  # the composition checked the class; this checks the instance
+            for proto in cb.requires:
+                if not isinstance(self.method, proto):
+                    raise RuntimeError(f"{type(cb).__name__} needs {proto.__name__}; {method_cls.__name__} lacks it")
+        self.ctx = RunContext(
+            cfg=cfg,
+            benchmark=self.benchmark,
+            datamodule=self.datamodule,
+            method=self.method,
+            run_dir=self.run_dir,
+            loggers=[self.wandb_logger] if self.wandb_logger is not None else [],
+        )
+
+    @property
+    def per_task(self) -> list[dict[str, Any]]:
+        """``metrics.json`` ``per_task`` of the tasks finished so far."""
+        return self.ctx.per_task
 
     @classmethod
-    def resume(cls, run_dir: str | Path) -> TaskLoop:
-        """The loop of a killed run, from its folder: its own ``config.yaml``, continuing after its finished tasks.
+    def resume(cls, run_dir: str | Path, overrides: list[str] | None = None) -> TaskLoop:
+        """The loop of a killed run, from its folder: its ``config.yaml`` plus ``overrides``.
+
+        It continues after the finished tasks, and inside the stage the run was killed in.
 
         Raises:
-            ConfigError: the folder has no config.yaml or metrics.json, or every task is already finished.
+            ConfigError: the folder is not a run folder, or every task is already finished.
+            RunFileError: a run file is corrupt or truncated.
         """
-        run_dir = Path(run_dir)
-        for name in ("config.yaml", "metrics.json"):
-            if not (run_dir / name).is_file():
-                raise ConfigError(f"cannot resume {run_dir}: it has no {name} (nothing finished to resume from)")
-        cfg = validate(OmegaConf.load(run_dir / "config.yaml"))
-        finished = json.loads((run_dir / "metrics.json").read_text())
-        done = len(finished.get("per_task", []))
-        loop = cls(cfg, run_dir)
-        if done >= loop.benchmark.num_tasks:
-            raise ConfigError(f"{run_dir} already finished all {done} tasks; nothing to resume")
-        loop.finished = finished
-        return loop
+        folder = RunFolder(run_dir)
+        if not (folder.path / CONFIG).is_file():
+            raise ConfigError(f"cannot resume {folder.path}: it is not a run folder (no {CONFIG})")
+        try:
+            raw = OmegaConf.load(folder.path / CONFIG)
+        except Exception as err:
+            raise ConfigError(f"cannot resume: {folder.path / CONFIG} does not parse ({err})") from err
+        if overrides:
+            raw = OmegaConf.merge(raw, OmegaConf.from_dotlist(list(overrides)))
+        cfg = validate(raw)
+        finished = folder.read_metrics()
+        done = len(finished["per_task"]) if finished else 0
+        if finished is not None and done >= len(finished.get("tasks", [])) > 0:
+            raise ConfigError(f"{folder.path} already finished all {done} tasks; nothing to resume")
+        return cls(cfg, folder.path, finished=finished)
 
     # ----------------------------------------------------------------------------------------------- trainers
-    def make_trainer(
-        self, task: int, stage: StageSpec | None, extra: list[L.Callback] | None = None, max_epochs: int | None = None
-    ) -> L.Trainer:
+    def make_trainer(self, task: int, stage: StageSpec | None, extra: list[L.Callback] | None = None) -> L.Trainer:
         """A fresh Trainer; the persistent callbacks are the same objects every time."""
         t = self.cfg.train
         name = stage.name if stage else "test"
         bar: list[L.Callback] = (
             [TaskProgressBar(task, self.benchmark.num_tasks, name)] if self.cfg.logging.progress_bar else []
         )
+        budgeted = stage is not None and stage.steps is not None
         return L.Trainer(
-            max_epochs=max_epochs if max_epochs is not None else stage.epochs if stage else 1,
+            max_epochs=-1 if budgeted else stage.epochs if stage else 1,
+            max_steps=stage.steps if stage is not None and stage.steps is not None else -1,
+            # an equal budget validates as often as the stage has epochs, every steps / epochs steps
+            val_check_interval=max(1, stage.steps // max(stage.epochs, 1)) if budgeted else None,  # type: ignore[union-attr, operator]
+            check_val_every_n_epoch=None if budgeted else 1,
             accelerator=t.accelerator,
             devices=t.devices,
             strategy=t.strategy,
             precision=t.precision,  # type: ignore[arg-type]
             gradient_clip_val=stage.grad_clip if stage else None,
-            callbacks=[*self.callbacks, self.metrics, *bar, *(extra or [])],
-            logger=self.extra_loggers or False,
+            callbacks=[*self.callbacks, *bar, *(extra or [])],
+            logger=self.ctx.loggers or False,
             enable_progress_bar=self.cfg.logging.progress_bar,
             enable_model_summary=False,
             num_sanity_val_steps=0,
@@ -199,17 +237,63 @@ class TaskLoop:
             log_every_n_steps=10,
         )
 
-    def stage_state_path(self, task: int, stage: StageSpec) -> Path:
-        """Where the trained weights of a stage are kept (``checkpoints/task<k>/<stage>/final.pt``)."""
-        folder = self.run_dir / "checkpoints" / f"task{task + 1}" / stage.name
-        folder.mkdir(parents=True, exist_ok=True)
-        return folder / "final.pt"
+    def stages_of(self, task: int) -> list[StageSpec]:
+        """The stages the loop fits for a task: the method's, with an equal budget split over them when one is set."""
+        stages = [s for s in self.method.stages(task) if s.epochs > 0]
+        total = self.cfg.train.steps_per_task
+        if total is None or not stages:
+            return stages
+        return split_steps(stages, total, self.method.step_shares(task, stages))
 
-    def fit_stage(self, task: int, stage: StageSpec) -> dict[str, Any]:
-        """Fit one stage and restore its best epoch (by ``stage.monitor``)."""
-        L.seed_everything(self.cfg.seed + 1000 * task + len(stage.name), workers=True, verbose=False)
-        ckpt = ModelCheckpoint(
-            dirpath=self.run_dir / "checkpoints" / f"task{task + 1}" / stage.name,
+    def plan_epochs(self, stage: StageSpec) -> int:
+        """Epochs of the installed plan the stage iterates: its epochs, or as many as its step budget reaches."""
+        if stage.steps is None:
+            return max(stage.epochs, 1)
+        epochs, served = 0, 0
+        while served < stage.steps:
+            served += max(len(self.datamodule.train_plan(epochs)), 1)
+            epochs += 1
+        return epochs
+
+    def fit_stage(self, task: int, stage: StageSpec, trainer: L.Trainer, checkpoints: list[ModelCheckpoint]) -> Any:
+        """Fit one stage (from its last completed epoch if a killed run left one) and restore its best epoch."""
+        best, _ = checkpoints
+        params = self.method.parameter_report()
+        last = self.folder.stage_last(task, stage.name)
+        start = time.perf_counter()
+        trainer.fit(self.method, datamodule=self.datamodule, ckpt_path=str(last) if last.is_file() else None)
+        seconds = time.perf_counter() - start
+        budget = self.method.budget
+        budget.steps = int(trainer.global_step)
+        counts = torch.tensor(budget.as_list(), dtype=torch.long)
+        if trainer.world_size > 1:  # each rank counted its shard; steps are the same on every rank
+            counts = trainer.strategy.reduce(counts.to(trainer.strategy.root_device), reduce_op="sum").cpu()
+            counts[0] = budget.steps
+        spent = dict(zip(budget.__dataclass_fields__, (int(c) for c in counts), strict=True))
+        if best.best_model_path:
+            self.method.restore_trainable(best.best_model_path)
+        self.folder.save_stage_weights(task, stage.name, self.method.trainable_state())
+        if is_rank_zero():
+            last.unlink(missing_ok=True)  # final.pt marks the stage done
+        score = best.best_model_score
+        return {
+            "seconds": round(seconds, 3),
+            "steps": int(trainer.global_step),
+            "epochs": int(trainer.current_epoch),
+            "best_score": None if score is None else round(float(score), 4),
+            "best_checkpoint": str(Path(best.best_model_path).relative_to(self.run_dir))
+            if best.best_model_path
+            else None,
+            "trainable_parameters": params["trainable"],
+            "total_parameters": params["total"],
+            "budget": {**spent, "fit_seconds": round(seconds, 3)},
+        }
+
+    def stage_checkpoints(self, task: int, stage: StageSpec) -> list[ModelCheckpoint]:
+        """The best epoch (by ``stage.monitor``; the last one without) and the last completed epoch (to resume)."""
+        folder = self.folder.stage_dir(task, stage.name)
+        best = ModelCheckpoint(
+            dirpath=folder,
             filename="best",
             monitor=stage.monitor,
             mode="max",
@@ -217,30 +301,13 @@ class TaskLoop:
             save_weights_only=True,
             enable_version_counter=False,
         )
-        trainer = self.make_trainer(task, stage, [ckpt])
-        params = self.method.parameter_report()
-        start = time.perf_counter()
-        trainer.fit(self.method, datamodule=self.datamodule)
-        seconds = time.perf_counter() - start
-        best = ckpt.best_model_path
-        if best:
-            self.method.restore_trainable(best)
-        if is_rank_zero():  # what the stage leaves behind (best or last epoch): what a resumed run reloads
-            torch.save({"state_dict": self.method.trainable_state()}, self.stage_state_path(task, stage))
-        score = ckpt.best_model_score
-        return {
-            "seconds": round(seconds, 3),
-            "steps": int(trainer.global_step),
-            "epochs": int(trainer.current_epoch),
-            "best_score": None if score is None else round(float(score), 4),
-            "best_checkpoint": os.path.relpath(best, self.run_dir) if best else None,
-            "trainable_parameters": params["trainable"],
-            "total_parameters": params["total"],
-        }
+        # the latest epoch, overwritten each time (no monitor: the newest is the top one); mode="min" tells its state
+        # apart from ``best`` for CRL, whose stages monitor nothing either
+        last = ModelCheckpoint(dirpath=folder, filename="last", save_top_k=1, mode="min", enable_version_counter=False)
+        return [best, last]
 
     def evaluate(self, task: int) -> dict[str, Any]:
         """Test on all seen tasks; fills row ``task`` of R and returns the per-task result."""
-        self.metrics.task = task
         trainer = self.make_trainer(task, None)
         start = time.perf_counter()
         trainer.test(self.method, datamodule=self.datamodule, verbose=False)
@@ -254,82 +321,77 @@ class TaskLoop:
         """
         finished = False
         try:
+            done = 0
+            if self.finished:
+                done = len(self.finished["per_task"])
+                self.ctx.R.extend(self.finished["accuracy_matrix"][:done])
+                self.ctx.per_task.extend(self.finished["per_task"][:done])
+                self.ctx.eval_curve.extend(e for e in self.finished.get("eval_curve", []) if e["task"] < done)
+                self.ctx.R[:] = [[*row, *[None] * (self.benchmark.num_tasks - len(row))] for row in self.ctx.R]
             for cb in self.callbacks:
-                cb.on_run_start(self)
-            done = len(self.finished["per_task"]) if self.finished else 0
+                cb.on_run_start(self.ctx)
             for task in range(self.benchmark.num_tasks):
                 if task < done:
-                    self.replay_task(task)
+                    self.train_task(task, rebuild=True)
                 else:
                     self.run_task(task)
             metrics = self.write_metrics()
             for cb in self.callbacks:
-                cb.on_run_end(self, metrics)
+                cb.on_run_end(self.ctx, metrics)
             finished = True
             return metrics
         finally:
             if self.wandb_logger is not None:
                 self.wandb_logger.finish(exit_code=0 if finished else 1)
 
-    def train_task(self, task: int, fit: Callable[[StageSpec], dict[str, Any]]) -> dict[str, Any]:
-        """The lifecycle of one task up to its test: hooks around ``fit(stage)`` for every stage; per-stage records."""
+    def train_task(self, task: int, rebuild: bool = False) -> dict[str, Any]:
+        """The lifecycle of one task up to its test; returns the per-stage records.
+
+        Every stage is set up, fitted (or, with ``rebuild``, loaded from its saved weights) and closed, with the
+        callbacks' hooks around each.
+        """
+        L.seed_everything(stream_seed(self.cfg.seed, task, "task"), workers=True, verbose=False)
         self.datamodule.set_task(task, self.method.train_scope)
         self.method.setup_task(task)
         for cb in self.callbacks:
-            cb.on_task_start(self, task)
+            cb.on_task_start(self.ctx, task)
         stages: dict[str, Any] = {}
-        for stage in self.method.stages(task):
-            if stage.epochs <= 0:
-                continue
+        for stage in self.stages_of(task):
+            L.seed_everything(stream_seed(self.cfg.seed, task, stage.name), workers=True, verbose=False)
             self.method.setup_stage(task, stage)
+            checkpoints = self.stage_checkpoints(task, stage)
+            trainer = self.make_trainer(task, stage, checkpoints)
+            self.ctx.fit = FitContext(trainer.strategy.root_device, trainer.precision_plugin)
             for cb in self.callbacks:
-                cb.on_stage_start(self, task, stage)
-            stages[stage.name] = fit(stage)
+                cb.on_stage_start(self.ctx, task, stage)
+            self.ctx.fit.epochs = self.plan_epochs(stage)  # the callbacks installed the stage's plan
+            self.method.before_fit(task, stage, self.ctx.fit, self.datamodule)
+            if rebuild:
+                self.method.restore_trainable(str(self.folder.stage_weights(task, stage.name)))
+            else:
+                stages[stage.name] = self.fit_stage(task, stage, trainer, checkpoints)
             self.method.end_stage(task, stage)
             for cb in self.callbacks:
-                cb.on_stage_end(self, task, stage)
+                cb.on_stage_end(self.ctx, task, stage)
         self.method.end_task(task)
         for cb in self.callbacks:
-            cb.on_task_end(self, task)
+            cb.on_task_end(self.ctx, task)
         return stages
-
-    def replay_task(self, task: int) -> None:
-        """Rebuild the state a finished task left (resume): its stages load their saved weights instead of training.
-
-        Each stage still gets a Trainer (with no epoch to run), so the hooks that record where training runs fire as
-        in a real fit; everything after it (memory selection, alignment, prototypes, freezing) runs again as it did.
-        """
-
-        def load(stage: StageSpec) -> dict[str, Any]:
-            path = self.stage_state_path(task, stage)
-            if not path.is_file():
-                raise ConfigError(f"cannot resume: {path} is missing (task {task + 1}, stage '{stage.name}')")
-            self.make_trainer(task, stage, max_epochs=0).fit(self.method, datamodule=self.datamodule)
-            self.method.restore_trainable(str(path))
-            return {}
-
-        self.train_task(task, load)
-        assert self.finished is not None
-        self.per_task.append(self.finished["per_task"][task])
-        self.metrics.restore_row(task, self.finished["accuracy_matrix"][task])
-        self.eval_curve.extend(e for e in self.finished.get("eval_curve", []) if e["task"] == task)
 
     def run_task(self, task: int) -> None:
         """All stages of one task, then its test."""
         record: dict[str, Any] = {"task": task}
-        record["stages"] = self.train_task(task, lambda stage: self.fit_stage(task, stage))
+        record["stages"] = self.train_task(task)
         record["train_seconds"] = round(sum(s["seconds"] for s in record["stages"].values()), 3)
         record["train_steps"] = sum(s["steps"] for s in record["stages"].values())
         record["train_data"] = self.datamodule.train_plan_info
         record["filtered_long_templates"] = self.datamodule.filtered.get(task, 0)
         record["test"] = self.evaluate(task)
-        if self.continual_eval is not None:
-            self.continual_eval.record_task_end(self, task)  # R's new row closes the task's eval curve
         for cb in self.callbacks:
-            record.update(cb.task_record(task))
-        if hasattr(self.method, "task_record"):
-            record.update(self.method.task_record(task))
-        self.per_task.append(record)
+            cb.on_task_tested(self.ctx, task)
+        for recorder in [*self.callbacks, self.method]:
+            record.update(recorder.task_record(task))
+        self.ctx.per_task.append(record)
         self.write_metrics()
         if is_rank_zero():  # one line per task, so a run without a progress bar (a log file, CI) shows where it is
             test = record["test"]
@@ -339,36 +401,34 @@ class TaskLoop:
                 flush=True,
             )
         for cb in self.callbacks:
-            cb.on_task_evaluated(self, task)
+            cb.on_task_evaluated(self.ctx, task)
 
     def write_metrics(self) -> dict[str, Any]:
         """Write metrics.json and accuracy_matrix.csv for the tasks finished so far."""
-        R = self.metrics.R
+        R = self.ctx.R
         n_test = [int(len(self.datamodule.indices("test", t))) for t in range(self.benchmark.num_tasks)]
         done = len(R)
         square = [row[:done] for row in R]
         joint = None
         if self.reference is not None and len(self.reference) >= done:
             joint = [row[:done] for row in self.reference[:done]]
-        curve = self.eval_curve or None
+        curve = self.ctx.eval_curve or None
         summary = summarize(square, n_test[:done], R_joint=joint, eval_curve=curve) if done else {}
+        summary.update(budget_totals(self.ctx.per_task))
         out = {
             "experiment": self.cfg.experiment,
             "run_id": self.run_dir.name,
             "benchmark": self.benchmark.name,
             "seed": self.cfg.seed,
+            "task_order": self.task_order,
             "tasks": [{"classes": c, "n_test": n} for c, n in zip(self.benchmark.tasks, n_test, strict=True)],
             "accuracy_matrix": square,
             "summary": summary,
-            "per_task": self.per_task,
+            "per_task": self.ctx.per_task,
         }
-        if self.eval_curve:
-            out["eval_curve"] = self.eval_curve
+        if self.ctx.eval_curve:
+            out["eval_curve"] = self.ctx.eval_curve
         if joint is not None:
             out["joint_accuracy_matrix"] = joint
-        if is_rank_zero():
-            (self.run_dir / "metrics.json").write_text(json.dumps(out, indent=2))
-            lines = [",".join(f"task{j + 1}" for j in range(done))]
-            lines += [",".join("" if v is None else f"{v:.2f}" for v in row) for row in square]
-            (self.run_dir / "accuracy_matrix.csv").write_text("\n".join(lines) + "\n")
+        self.folder.write_metrics(out)
         return out

@@ -47,7 +47,25 @@ METHODS = Registry("method")
 CALLBACKS = Registry("callback")
 
 
+_IMPORTED = False
+
+
 def _import_builtins() -> None:
-    """Import the modules whose decorators fill the registries (lazily, so importing the package stays cheap)."""
-    import conpet_lightning.callbacks  # noqa: F401
-    import conpet_lightning.methods  # noqa: F401
+    """Import every module of ``methods/`` and ``callbacks/``, whose decorators fill the registries.
+
+    Discovery is by package walk, so a new method or callback is its module alone (no list to extend); it runs once,
+    lazily, so importing the package stays cheap.
+    """
+    global _IMPORTED
+    if _IMPORTED:
+        return
+    _IMPORTED = True
+    import importlib
+    import pkgutil
+
+    import conpet_lightning.callbacks
+    import conpet_lightning.methods
+
+    for package in (conpet_lightning.methods, conpet_lightning.callbacks):
+        for info in pkgutil.walk_packages(package.__path__, prefix=f"{package.__name__}."):
+            importlib.import_module(info.name)

@@ -1,55 +1,71 @@
-"""Task-level hooks: the same callback objects live across the fresh Trainers of a run."""
+"""Task-level hooks: the same callback objects live across the fresh Trainers of a run.
+
+A callback declares what it needs from the method (``requires``: ``contract`` Protocols, checked on the method class
+when the run is composed) and its options (``options_cls``: a dataclass that holds the defaults and checks the values).
+Task hooks receive the run's ``RunContext``, not the loop.
+"""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any, ClassVar
 
 import lightning as L
 
-from conpet_lightning.config import check_options
-
-if TYPE_CHECKING:
-    from conpet_lightning.loop import TaskLoop
-    from conpet_lightning.methods.base import StageSpec
+from conpet_lightning.config import ConfigError, check_options
+from conpet_lightning.contract import RunContext, StageSpec
 
 
 class TaskCallback(L.Callback):
-    """A Lightning callback that the task loop also calls at task and stage boundaries.
+    """A Lightning callback that the task loop also calls at task and stage boundaries."""
 
-    Subclasses set ``options_cls`` (a dataclass) so their YAML entry is validated strictly.
-    """
-
-    options_cls: type | None = None
+    options_cls: ClassVar[type | None] = None
+    requires: ClassVar[tuple[type, ...]] = ()
+    """``contract`` Protocols the method class must implement for this callback to work."""
+    provides: ClassVar[tuple[str, ...]] = ()
+    """Roles this callback fills for the method (``router``), checked by the method's ``check_pairing``."""
 
     @classmethod
-    def from_options(cls, options: dict[str, Any], slot: str) -> TaskCallback:
-        """Build from a YAML entry (``name`` plus the options of ``options_cls``)."""
-        opts = {k: v for k, v in options.items() if k != "name"}
+    def parse_options(cls, entry: dict[str, Any], slot: str) -> Any:
+        """The validated options of a YAML entry (``name`` plus the fields of ``options_cls``), or None."""
+        opts = {k: v for k, v in entry.items() if k != "name"}
         if cls.options_cls is None:
             if opts:
-                raise ValueError(f"callbacks.{slot}: '{options.get('name')}' takes no options, got {sorted(opts)}")
-            return cls()
-        return cls(check_options(cls.options_cls, opts, f"callbacks.{slot}"))  # type: ignore[call-arg]
+                raise ConfigError(f"callbacks.{slot}: '{entry.get('name')}' takes no options, got {sorted(opts)}")
+            return None
+        return check_options(cls.options_cls, {"name": entry.get("name"), **opts}, f"callbacks.{slot}")
 
-    def on_run_start(self, loop: TaskLoop) -> None:
+    @classmethod
+    def check_pairing(cls, slot: str, options: Any, method_options: Any) -> None:
+        """Cross-field rules between this callback's options and the method's (raise ConfigError)."""
+
+    @classmethod
+    def from_options(cls, entry: dict[str, Any], slot: str) -> TaskCallback:
+        """Build from a YAML entry."""
+        options = cls.parse_options(entry, slot)
+        return cls() if options is None else cls(options)  # type: ignore[call-arg]
+
+    def on_run_start(self, ctx: RunContext) -> None:
         """Once, before the first task (the datamodule and method exist)."""
 
-    def on_task_start(self, loop: TaskLoop, task: int) -> None:
+    def on_task_start(self, ctx: RunContext, task: int) -> None:
         """After ``set_task`` on the datamodule and the method, before the first stage."""
 
-    def on_stage_start(self, loop: TaskLoop, task: int, stage: StageSpec) -> None:
-        """Before the stage's Trainer is built."""
+    def on_stage_start(self, ctx: RunContext, task: int, stage: StageSpec) -> None:
+        """Before the stage's fit (``ctx.fit`` holds its device and precision)."""
 
-    def on_stage_end(self, loop: TaskLoop, task: int, stage: StageSpec) -> None:
-        """After the stage's best checkpoint is restored."""
+    def on_stage_end(self, ctx: RunContext, task: int, stage: StageSpec) -> None:
+        """After the stage's best checkpoint is restored (or its saved weights loaded, on resume)."""
 
-    def on_task_end(self, loop: TaskLoop, task: int) -> None:
+    def on_task_end(self, ctx: RunContext, task: int) -> None:
         """After the last stage, before the end-of-task test."""
 
-    def on_task_evaluated(self, loop: TaskLoop, task: int) -> None:
-        """After the end-of-task test: row ``task`` of R and ``loop.per_task[task]`` are final and on disk."""
+    def on_task_tested(self, ctx: RunContext, task: int) -> None:
+        """Right after the end-of-task test: row ``task`` of ``ctx.R`` is filled (``per_task`` not yet)."""
 
-    def on_run_end(self, loop: TaskLoop, metrics: dict[str, Any]) -> None:
+    def on_task_evaluated(self, ctx: RunContext, task: int) -> None:
+        """After the end-of-task test: row ``task`` of R and ``ctx.per_task[task]`` are final and on disk."""
+
+    def on_run_end(self, ctx: RunContext, metrics: dict[str, Any]) -> None:
         """Once, after the last task, with the final metrics.json content."""
 
     def task_record(self, task: int) -> dict[str, Any]:

@@ -8,14 +8,16 @@ from typing import Any
 import lightning as L
 import torch
 
+from conpet_lightning.callbacks.base import TaskCallback
+from conpet_lightning.contract import RunContext
 from conpet_lightning.metrics.task_accuracy import TaskAccuracy
 
 
-class ContinualMetricsCallback(L.Callback):
+class ContinualMetricsCallback(TaskCallback):
     """R[i][j] = accuracy (%) on task j's test set after training task i (j <= i), via torchmetrics.
 
-    Always attached by the task loop: it is how the loop learns the test result. The metric state is summed across
-    ranks, so the row is the same under DDP as on one device.
+    Always first among the run's callbacks: it fills the run's R (``RunContext.R``, the same list) from the
+    end-of-task test. The metric state is summed across ranks, so the row is the same under DDP as on one device.
     """
 
     def __init__(self, num_tasks: int) -> None:
@@ -24,6 +26,14 @@ class ContinualMetricsCallback(L.Callback):
         self.R: list[list[float | None]] = []
         self.rows_micro: list[float] = []
         self.task = 0
+
+    def on_run_start(self, ctx: RunContext) -> None:
+        """Share R with the run context (rows restored on resume are already in it)."""
+        self.R = ctx.R
+
+    def on_task_start(self, ctx: RunContext, task: int) -> None:
+        """The next test fills row ``task``."""
+        self.task = task
 
     def on_test_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Fresh state on the module's device."""
@@ -49,26 +59,11 @@ class ContinualMetricsCallback(L.Callback):
         row: list[float | None] = [None] * self.num_tasks
         for j in range(self.task + 1):
             row[j] = round(float(per_task[j]), 4)
-        while len(self.R) <= self.task:
-            self.R.append([None] * self.num_tasks)
-        self.R[self.task] = row
+        del self.R[self.task :]
+        self.R.append(row)
         self.last = {k: _json_safe(v.tolist() if torch.is_tensor(v) else v) for k, v in result.items()}
         pl_module.log("test/acc_macro", float(result["macro"]))
         pl_module.log("test/acc_micro", float(result["micro"]))
-
-    def restore_row(self, task: int, row: list[float | None]) -> None:
-        """Put back row ``task`` of R from a finished run's metrics.json (resume)."""
-        while len(self.R) <= task:
-            self.R.append([None] * self.num_tasks)
-        self.R[task] = [*row, *[None] * (self.num_tasks - len(row))]
-
-    def state_dict(self) -> dict[str, Any]:
-        """R so far, for resuming."""
-        return {"R": self.R}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore R."""
-        self.R = state_dict["R"]
 
 
 def _json_safe(value: Any) -> Any:

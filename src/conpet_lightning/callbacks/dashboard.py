@@ -1,8 +1,9 @@
 """The run dashboard: PNG figures in the run folder after every task, and the W&B panels when W&B is on.
 
-Always attached by the task loop (last in its callback list). After each task's test (``on_task_evaluated``, when
-``metrics.json`` holds the new row of R) it renders ``accuracy_heatmap.png``, ``forgetting_curves.png`` and
-``forgetting_bars.png`` into the run folder with ``reporting.figures.render_run_figures``, with or without W&B.
+Always among the run's callbacks (last in the list the task loop composes). After each task's test
+(``on_task_evaluated``, when ``metrics.json`` holds the new row of R) it renders ``accuracy_heatmap.png``,
+``forgetting_curves.png`` and ``forgetting_bars.png`` into the run folder with
+``reporting.figures.render_run_figures``, with or without W&B.
 
 With a ``RunWandbLogger`` (``logging.wandb: true``) it also keeps the logger's task/stage context and run-level step
 offset up to date across the loop's fresh Trainers, and logs after each task:
@@ -30,11 +31,10 @@ import lightning as L
 from lightning.pytorch.utilities import rank_zero_only
 
 from conpet_lightning.callbacks.base import TaskCallback
+from conpet_lightning.contract import RunContext, StageSpec
 from conpet_lightning.metrics.matrix import acc_macro, average_forgetting, forgetting
 
 if TYPE_CHECKING:
-    from conpet_lightning.loop import TaskLoop
-    from conpet_lightning.methods.base import StageSpec
     from conpet_lightning.reporting.wandb_logger import RunWandbLogger
 
 #: Scalar entries of a task's selector panel that are logged to W&B as ``selector/<name>``.
@@ -66,7 +66,7 @@ class DashboardCallback(TaskCallback):
         self.figures = figures
 
     # ---------------------------------------------------------------------------------- step bookkeeping
-    def on_stage_start(self, loop: TaskLoop, task: int, stage: StageSpec) -> None:
+    def on_stage_start(self, ctx: RunContext, task: int, stage: StageSpec) -> None:
         """Rows logged by the stage's Trainer carry its task and stage."""
         if self.wandb_logger is not None:
             self.wandb_logger.set_context(task, stage.name)
@@ -76,13 +76,13 @@ class DashboardCallback(TaskCallback):
         if self.wandb_logger is not None:
             self.wandb_logger.advance(trainer.global_step)
 
-    def on_task_end(self, loop: TaskLoop, task: int) -> None:
+    def on_task_end(self, ctx: RunContext, task: int) -> None:
         """The end-of-task test (and the panels after it) log as stage ``test``."""
         if self.wandb_logger is not None:
             self.wandb_logger.set_context(task, "test")
 
     # ------------------------------------------------------------------------------------------- panels
-    def on_task_evaluated(self, loop: TaskLoop, task: int) -> None:
+    def on_task_evaluated(self, ctx: RunContext, task: int) -> None:
         """Render the PNG figures, then log the task's W&B panels.
 
         A failure here is a warning, not the end of the run: ``metrics.json`` (from which ``conpet report`` and
@@ -94,23 +94,23 @@ class DashboardCallback(TaskCallback):
             from conpet_lightning.reporting.figures import render_run_figures
 
             try:
-                render_run_figures(loop.run_dir)
+                render_run_figures(ctx.run_dir)
             except Exception as err:  # figures are a convenience: the run goes on
                 warnings.warn(f"dashboard: could not render the figures after task {task}: {err!r}", stacklevel=2)
         if self.wandb_logger is not None:
             try:
-                panels = self.task_panels(loop, task)
+                panels = self.task_panels(ctx, task)
             except Exception as err:
                 warnings.warn(f"dashboard: could not build the W&B panels after task {task}: {err!r}", stacklevel=2)
             else:
                 self.wandb_logger.log_metrics(panels)
 
-    def task_panels(self, loop: TaskLoop, task: int) -> dict[str, Any]:
+    def task_panels(self, ctx: RunContext, task: int) -> dict[str, Any]:
         """The W&B values logged after ``task``: R, its heatmap, forgetting curves and bars, the selector panel."""
         import wandb
 
         n = task + 1
-        R = [row[:n] for row in loop.metrics.R[:n]]
+        R = [row[:n] for row in ctx.R[:n]]
         columns, rows = accuracy_table_rows(R)
         out: dict[str, Any] = {
             "dashboard/accuracy_matrix": wandb.Table(columns=columns, data=rows),
@@ -123,7 +123,7 @@ class DashboardCallback(TaskCallback):
                 xname="after training task",
             ),
         }
-        heatmap = loop.run_dir / "accuracy_heatmap.png"
+        heatmap = ctx.run_dir / "accuracy_heatmap.png"
         if heatmap.is_file():
             out["dashboard/accuracy_heatmap"] = wandb.Image(str(heatmap), caption=f"R after task {task}")
         if task > 0:
@@ -133,7 +133,7 @@ class DashboardCallback(TaskCallback):
                 bars, "task", "forgetting", title=f"Forgetting after task {task} (pp)"
             )
             out["dashboard/forgetting"] = average_forgetting(R)
-        selector = loop.per_task[task].get("selector") if task < len(loop.per_task) else None
+        selector = ctx.per_task[task].get("selector") if task < len(ctx.per_task) else None
         if selector:
             out.update({f"selector/{k}": selector[k] for k in SELECTOR_SCALARS if selector.get(k) is not None})
             confusion = selector.get("confusion")
@@ -146,18 +146,18 @@ class DashboardCallback(TaskCallback):
         return out
 
     # ------------------------------------------------------------------------------------------- run end
-    def on_run_end(self, loop: TaskLoop, metrics: dict[str, Any]) -> None:
+    def on_run_end(self, ctx: RunContext, metrics: dict[str, Any]) -> None:
         """The summary into the W&B run summary, the eval curve as a table, then finish the W&B run."""
         if self.wandb_logger is None:
             return
         if _is_rank_zero():
             import wandb
 
-            if loop.eval_curve:
-                n = loop.benchmark.num_tasks
+            if ctx.eval_curve:
+                n = ctx.num_tasks
                 rows = [
                     [e["task"], e["step"], *(e["acc"][j] if j < len(e["acc"]) else None for j in range(n))]
-                    for e in loop.eval_curve
+                    for e in ctx.eval_curve
                 ]
                 table = wandb.Table(columns=["task", "step", *(f"task{j}" for j in range(n))], data=rows)
                 self.wandb_logger.log_metrics({"dashboard/eval_curve": table})

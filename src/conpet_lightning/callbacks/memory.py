@@ -1,6 +1,6 @@
 """Episodic memory (METHOD.md §3.2) as a callback: per-class exemplars picked at task end, replayed by EMR's rule.
 
-At the end of task k (or after the stage a method names in ``memory_after_stage``, e.g. CRL's contrastive stage),
+At the end of task k (or after the stage the method names in ``memory_after_stage()``, e.g. CRL's contrastive stage),
 ``ceil(train_fraction x M)`` exemplars per class are picked from the task's training records and
 ``M - ceil(train_fraction x M)`` from its validation records, by k-means on features (the classifier outputs or the
 mask hidden state; the sample nearest each centroid), herding, random choice or a reservoir over the stream.
@@ -16,28 +16,26 @@ instead (the same M per class in total, never a trained-on sample).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, ClassVar
 
-import lightning as L
 import numpy as np
 
 from conpet_lightning.callbacks.base import TaskCallback
-from conpet_lightning.config import ConfigError
-from conpet_lightning.data.datamodule import shuffled_epoch
-from conpet_lightning.methods.static.common import (
+from conpet_lightning.config import require_choice, require_range
+from conpet_lightning.contract import (
     FitContext,
-    broadcast_from_rank0,
-    encode_records,
-    fit_context_of,
-    stage_data_kind,
+    MemoryFeatureSource,
+    MemoryUser,
+    RunContext,
+    StageDataSource,
+    StageSpec,
+    stage_data_of,
 )
+from conpet_lightning.data.datamodule import shuffled_epoch
+from conpet_lightning.passes import broadcast_from_rank0, encode_records
 from conpet_lightning.policies.memory import ReservoirBuffer, emr_replay_frequency, select_exemplars
 from conpet_lightning.policies.sampling import decimal_ceil, replay_composition
 from conpet_lightning.registry import CALLBACKS
-
-if TYPE_CHECKING:
-    from conpet_lightning.loop import TaskLoop
-    from conpet_lightning.methods.base import StageSpec
 
 SELECTIONS = ("kmeans", "herding", "random", "reservoir")
 FEATURES = ("logits", "hidden")
@@ -52,7 +50,7 @@ class EpisodicMemoryOptions:
     name: str = "episodic_memory"
     selection: str = "kmeans"
     """kmeans (ConPET) | herding | random | reservoir (a uniform sample of the whole stream, not per class)."""
-    per_class: int = 10
+    per_class: int = 5
     """Memory size M per class (ConPET: FewNERD/OntoNotes 100, BBN/FewRel 50, TACRED/ACE 20)."""
     feature: str = "logits"
     """Selection features: the classifier output vector (EMR, EA-EMR) or the mask hidden state (CRL)."""
@@ -60,8 +58,8 @@ class EpisodicMemoryOptions:
     """Share of M (rounded up) that is training memory; the rest validates. CRL keeps all of it: 1.0."""
     frequency: str = "emr"
     """Replay repetition r: emr (per-class rule), memory (EA-EMR: room / memory size) or fixed (``replay_times``)."""
-    base_frequency: int = 5
-    """r when the new data alone fills the budget (FewNERD/OntoNotes 10, the others 5)."""
+    base_frequency: int = 1
+    """r when the new data alone fills the budget (CPU default 1; ConPET: FewNERD/OntoNotes 10, the others 5)."""
     replay_times: int = 1
     """r of the fixed rule (CRL: 1)."""
     batch_limit: int = 50
@@ -70,18 +68,13 @@ class EpisodicMemoryOptions:
     """Training share of ``batch_limit`` in the frequency rule (ConPET's 80/20)."""
 
     def __post_init__(self) -> None:
-        where = "episodic_memory"
-        for key, value, allowed in (
-            ("selection", self.selection, SELECTIONS),
-            ("feature", self.feature, FEATURES),
-            ("frequency", self.frequency, FREQUENCY_RULES),
-        ):
-            if value not in allowed:
-                raise ValueError(f"{where}.{key}: {value!r} is not one of {', '.join(allowed)}")
-        if self.per_class < 1 or min(self.base_frequency, self.replay_times, self.batch_limit) < 1:
-            raise ValueError(f"{where}: per_class, base_frequency, replay_times and batch_limit must be >= 1")
-        if not 0.0 < self.train_fraction <= 1.0 or not 0.0 < self.budget_fraction <= 1.0:
-            raise ValueError(f"{where}: train_fraction and budget_fraction must be in (0, 1]")
+        require_choice("selection", self.selection, SELECTIONS)
+        require_choice("feature", self.feature, FEATURES)
+        require_choice("frequency", self.frequency, FREQUENCY_RULES)
+        for key in ("per_class", "base_frequency", "replay_times", "batch_limit"):
+            require_range(key, getattr(self, key), low=1)
+        require_range("train_fraction", self.train_fraction, low=0.0, high=1.0, open_low=True)
+        require_range("budget_fraction", self.budget_fraction, low=0.0, high=1.0, open_low=True)
 
 
 def _chunks(indices: np.ndarray, size: int) -> list[list[int]]:
@@ -93,16 +86,7 @@ class EpisodicMemoryCallback(TaskCallback):
     """Per-class exemplar memory of every finished task, and the policy-0 plan that replays it."""
 
     options_cls = EpisodicMemoryOptions
-
-    @classmethod
-    def from_options(cls, options: dict[str, Any], slot: str) -> TaskCallback:
-        """Build from a YAML entry; a bad value names the slot."""
-        try:
-            return super().from_options(options, slot)
-        except ConfigError:
-            raise
-        except ValueError as err:
-            raise ConfigError(f"callbacks.{slot}: {err}") from err
+    requires: ClassVar[tuple[type, ...]] = (MemoryFeatureSource, MemoryUser, StageDataSource)
 
     def __init__(self, options: EpisodicMemoryOptions | None = None) -> None:
         self.options = options or EpisodicMemoryOptions()
@@ -111,6 +95,7 @@ class EpisodicMemoryCallback(TaskCallback):
         self.reservoirs: dict[str, ReservoirBuffer] = {}
         self.records: dict[int, dict[str, Any]] = {}
         self.fit_context: FitContext | None = None
+        """Where the last stage trained: feature passes at task end run there too."""
 
     # ------------------------------------------------------------------------------------------------- queries
     @property
@@ -125,38 +110,39 @@ class EpisodicMemoryCallback(TaskCallback):
         return np.concatenate(arrays) if arrays else _EMPTY
 
     # ------------------------------------------------------------------------------------------------- hooks
-    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """Remember where training runs: feature passes at task end use the same device and precision."""
-        self.fit_context = FitContext.from_trainer(trainer, pl_module)
+    def on_run_start(self, ctx: RunContext) -> None:
+        """Tell the method an episodic memory serves it."""
+        ctx.method.use_memory(self)
 
-    def on_stage_start(self, loop: TaskLoop, task: int, stage: StageSpec) -> None:
+    def on_stage_start(self, ctx: RunContext, task: int, stage: StageSpec) -> None:
         """Install the stage's training plan and validation plan."""
-        self.install(loop, task, stage)
+        self.fit_context = ctx.fit
+        self.install(ctx, task, stage)
 
-    def on_stage_end(self, loop: TaskLoop, task: int, stage: StageSpec) -> None:
+    def on_stage_end(self, ctx: RunContext, task: int, stage: StageSpec) -> None:
         """Pick the task's memory here if the method wants it before its next stage (CRL)."""
-        if stage.name == getattr(loop.method, "memory_after_stage", None):
-            self.select(loop, task)
+        if stage.name == ctx.method.memory_after_stage():
+            self.select(ctx, task)
 
-    def on_task_end(self, loop: TaskLoop, task: int) -> None:
+    def on_task_end(self, ctx: RunContext, task: int) -> None:
         """Pick the task's memory (unless a stage already did)."""
         if task not in self.memory["train"]:
-            self.select(loop, task)
+            self.select(ctx, task)
 
     def task_record(self, task: int) -> dict[str, Any]:
         """Memory sizes and the replay composition of each stage, for metrics.json."""
         return self.records.get(task, {})
 
     # --------------------------------------------------------------------------------------------- selection
-    def select(self, loop: TaskLoop, task: int) -> None:
+    def select(self, run: RunContext, task: int) -> None:
         """Pick task ``task``'s exemplars (decided once, on rank 0's features, under DDP) and tell the method."""
         n_train, n_valid = self.sizes
-        chosen = {part: self._choose(loop, part, task, n) for part, n in (("train", n_train), ("valid", n_valid))}
+        chosen = {part: self._choose(run, part, task, n) for part, n in (("train", n_train), ("valid", n_valid))}
         chosen = broadcast_from_rank0(chosen)
         for part, picked in chosen.items():
             if self.options.selection == "reservoir":  # the reservoir may evict earlier tasks' items
                 for t in range(task + 1):
-                    self.memory[part][t] = np.intersect1d(picked, loop.datamodule.indices(part, t))
+                    self.memory[part][t] = np.intersect1d(picked, run.datamodule.indices(part, t))
             else:
                 self.memory[part][task] = np.asarray(picked, dtype=np.int64)
         o = self.options
@@ -168,39 +154,28 @@ class EpisodicMemoryCallback(TaskCallback):
             "train": int(len(self.memory_indices("train", range(task + 1)))),
             "valid": int(len(self.memory_indices("valid", range(task + 1)))),
         }
-        notify = getattr(loop.method, "memory_updated", None)
-        if notify is not None:
-            notify(loop, task, self)
+        run.method.memory_updated(run, task, self)
 
-    def _choose(self, loop: TaskLoop, part: str, task: int, n: int) -> np.ndarray:
-        dm, o = loop.datamodule, self.options
+    def _choose(self, run: RunContext, part: str, task: int, n: int) -> np.ndarray:
+        dm, o = run.datamodule, self.options
         idx = dm.indices(part, task)
         if n == 0 or len(idx) == 0:
             return _EMPTY
         if o.selection == "reservoir":
-            capacity = n * loop.benchmark.num_classes  # the memory's final size: n per class of the whole sequence
-            buffer = self.reservoirs.setdefault(part, ReservoirBuffer(capacity, seed=loop.cfg.seed))
+            capacity = n * run.benchmark.num_classes  # the memory's final size: n per class of the whole sequence
+            buffer = self.reservoirs.setdefault(part, ReservoirBuffer(capacity, seed=run.cfg.seed))
             buffer.add(idx.tolist())
             return np.sort(buffer.items)
         labels = np.asarray([dm.item(part, int(i))["label"] for i in idx])
         if o.selection == "random":
             feats = np.zeros((len(idx), 1))
         else:
-            method = loop.method
-            ctx = fit_context_of(self.fit_context, getattr(method, "fit_context", None))
-            feats = encode_records(method, dm, part, idx, lambda b: self._features(method, b), ctx).numpy()
-        rows = select_exemplars(feats, labels, n, method=o.selection, seed=loop.cfg.seed)
+            method: MemoryFeatureSource = run.method
+            ctx = self.fit_context or FitContext.cpu()
+            kind = o.feature
+            feats = encode_records(run.method, dm, part, idx, lambda b: method.memory_features(b, kind), ctx).numpy()
+        rows = select_exemplars(feats, labels, n, method=o.selection, seed=run.cfg.seed)
         return idx[rows]
-
-    def _features(self, method: Any, batch: dict[str, Any]) -> Any:
-        fn = getattr(method, "memory_features", None)
-        if fn is not None:
-            return fn(batch, self.options.feature)
-        if self.options.feature == "hidden":
-            return method.represent(batch)
-        if not hasattr(method, "logits"):
-            raise ValueError(f"{type(method).__name__} has no classifier logits; use feature: hidden")
-        return method.logits(batch)
 
     # --------------------------------------------------------------------------------------------------- plans
     def replay_frequency(self, n_new: int, memory_size: int, n_old_classes: int, batch_size: int) -> int:
@@ -215,10 +190,10 @@ class EpisodicMemoryCallback(TaskCallback):
             o.batch_limit, batch_size, n_new, per_class, classes, o.base_frequency, o.budget_fraction
         )
 
-    def install(self, loop: TaskLoop, task: int, stage: StageSpec) -> None:
+    def install(self, run: RunContext, task: int, stage: StageSpec) -> None:
         """Install the training and validation plans of a stage (see the module docstring)."""
-        dm = loop.datamodule
-        kind = stage_data_kind(loop.method, task, stage)
+        dm = run.datamodule
+        kind = stage_data_of(run.method, task, stage)
         current = dm.indices("train", task)
         if kind == "memory":
             pools = [self.memory["train"].get(t, _EMPTY) for t in range(task + 1)]
@@ -228,13 +203,13 @@ class EpisodicMemoryCallback(TaskCallback):
             n_new, classes = len(current), task
         else:
             pools, n_new, classes = [current], len(current), 0
-        n_old_classes = sum(len(loop.benchmark.tasks[t]) for t in range(classes))
+        n_old_classes = sum(len(run.benchmark.tasks[t]) for t in range(classes))
         stored = pools if kind == "memory" else pools[:-1]
         r = self.replay_frequency(n_new, int(sum(len(p) for p in stored)), n_old_classes, dm.batch_size)
         items = np.concatenate([np.tile(p, r) for p in stored] + ([] if kind == "memory" else [pools[-1]]))
         if len(items) == 0:
             raise ValueError(f"episodic_memory: stage '{stage.name}' of task {task + 1} has no training samples")
-        seed, batch_size = loop.cfg.seed, dm.batch_size
+        seed, batch_size = run.cfg.seed, dm.batch_size
         dm.set_train_plan(
             lambda epoch: shuffled_epoch(items, batch_size, seed, task, epoch),
             f"episodic memory ({kind}: {self.options.selection}, M={self.options.per_class}, r={r})",

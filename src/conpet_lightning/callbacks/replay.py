@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from conpet_lightning.callbacks.base import TaskCallback
+from conpet_lightning.config import require_choice, require_range
+from conpet_lightning.contract import RunContext
 from conpet_lightning.policies.sampling import DynamicReplayPolicy, replay_composition
 from conpet_lightning.registry import CALLBACKS
-
-if TYPE_CHECKING:
-    from conpet_lightning.loop import TaskLoop
 
 
 @dataclass
@@ -29,7 +28,13 @@ class DynamicReplayOptions:
     resample_every_epoch: bool = True
     """False = ConPET's cache mode (EMR*, EA-EMR*): one sequence of all epochs drawn per task and replayed."""
     valid_batch_size: int | None = None
-    """Validation batch size of the mixed plan (default: data.eval_batch_size)."""
+    """Validation batch size of the mixed plan (default: data.eval_batch_size; ConPET: 32)."""
+
+    def __post_init__(self) -> None:
+        require_choice("policy", self.policy, (0, 1, 2))
+        require_range("batch_limit", self.batch_limit, low=1)
+        require_range("train_fraction", self.train_fraction, low=0.0, high=1.0, open_low=True)
+        require_range("valid_batch_size", self.valid_batch_size, low=1)
 
 
 @CALLBACKS.register("dynamic_replay")
@@ -46,22 +51,22 @@ class DynamicReplayCallback(TaskCallback):
         self.options = options or DynamicReplayOptions()
         self.records: dict[int, dict[str, Any]] = {}
 
-    def pools(self, loop: TaskLoop, part: str, task: int) -> list[np.ndarray]:
+    def pools(self, ctx: RunContext, part: str, task: int) -> list[np.ndarray]:
         """The stored pool: every seen task's records of ``part`` (the full history, not a memory)."""
-        return [loop.datamodule.indices(part, t) for t in range(task + 1)]
+        return [ctx.datamodule.indices(part, t) for t in range(task + 1)]
 
-    def on_task_start(self, loop: TaskLoop, task: int) -> None:
+    def on_task_start(self, ctx: RunContext, task: int) -> None:
         """Install the task's training plan and fixed validation plan."""
-        o, dm = self.options, loop.datamodule
+        o, dm = self.options, ctx.datamodule
         policy = DynamicReplayPolicy(
             policy=o.policy,
             batch_limit=o.batch_limit,
             train_fraction=o.train_fraction,
             new_old_ratio=o.new_old_ratio,
             resample_every_epoch=o.resample_every_epoch,
-            seed=loop.cfg.seed,
+            seed=ctx.seed,
         )
-        train_pools, valid_pools = self.pools(loop, "train", task), self.pools(loop, "valid", task)
+        train_pools, valid_pools = self.pools(ctx, "train", task), self.pools(ctx, "valid", task)
         batch_size = dm.batch_size
         dm.set_train_plan(
             lambda epoch: policy.train_plan(task, train_pools, batch_size, epoch),

@@ -1,27 +1,26 @@
 """Top-k routing by the frozen selector, with teacher forcing in training, as a Lightning callback.
 
-It writes ``batch["route"]`` ([B, k] expert ids, best first) before each training, validation and test batch of
-the expert stage, caches the frozen selector's ranking per sample key within a task, and measures the selector at
-test time: task-id accuracy (macro and micro), top-k hit rate, the routing confusion matrix, and the accuracy that
-oracle routing (each sample to its own task's expert) would reach, so the cost of learned routing is visible.
+The callback is the run's router (``contract.Router``): at run start it attaches itself to the method
+(``contract.Routable.attach_router``), which asks it for the experts of every batch it routes. It caches the frozen
+selector's ranking per sample key within a task, and measures the selector at test time: task-id accuracy (macro and
+micro), top-k hit rate, the routing confusion matrix, and the accuracy that oracle routing (each sample to its own
+task's expert) would reach, so the cost of learned routing is visible.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, ClassVar
 
 import lightning as L
 import torch
 from torchmetrics.classification import MulticlassConfusionMatrix
 
 from conpet_lightning.callbacks.base import TaskCallback
+from conpet_lightning.config import ConfigError, require_range
+from conpet_lightning.contract import Batch, Routable, RunContext, StageSpec, as_capability
 from conpet_lightning.metrics.task_accuracy import TaskAccuracy
 from conpet_lightning.registry import CALLBACKS
-
-if TYPE_CHECKING:
-    from conpet_lightning.loop import TaskLoop
-    from conpet_lightning.methods.base import StageSpec
 
 
 @dataclass
@@ -32,6 +31,9 @@ class TopKRoutingOptions:
     topk: int = 1
     teacher_forcing: bool = True
     """In training, if the gold task is not among the top-k, it replaces the lowest-ranked pick."""
+
+    def __post_init__(self) -> None:
+        require_range("topk", self.topk, low=1)
 
 
 def apply_teacher_forcing(route: torch.Tensor, gold: torch.Tensor) -> torch.Tensor:
@@ -44,71 +46,64 @@ def apply_teacher_forcing(route: torch.Tensor, gold: torch.Tensor) -> torch.Tens
 
 @CALLBACKS.register("topk_routing")
 class TopKRoutingCallback(TaskCallback):
-    """Routes every batch of the expert stage; see the module docstring."""
+    """Routes every batch of the expert stage and of tests; see the module docstring."""
 
     options_cls = TopKRoutingOptions
+    requires: ClassVar[tuple[type, ...]] = (Routable,)
+    provides: ClassVar[tuple[str, ...]] = ("router",)
+
+    @classmethod
+    def check_pairing(cls, slot: str, options: Any, method_options: Any) -> None:
+        """Top-k routing ranks experts by a learned selector: the method must have one."""
+        if not method_options.has_selector():
+            raise ConfigError(f"callbacks.{slot}: topk_routing needs method.selector=true (a selector to rank experts)")
 
     def __init__(self, options: TopKRoutingOptions | None = None) -> None:
         self.options = options or TopKRoutingOptions()
-        if self.options.topk < 1:
-            raise ValueError(f"callbacks.routing.topk must be >= 1, got {self.options.topk}")
         self.cache: dict[str, torch.Tensor] = {}
         self.records: dict[int, dict[str, Any]] = {}
         self.num_tasks = 1
 
     # -------------------------------------------------------------------------------------------- task hooks
-    def on_run_start(self, loop: TaskLoop) -> None:
-        """Check the method can be routed."""
-        if not hasattr(loop.method, "selector_logits") or not getattr(loop.method.options, "selector", False):
-            raise ValueError(
-                "the topk_routing callback needs a method with a selector (dynamic_conpet, selector: true)"
-            )
-        self.num_tasks = loop.benchmark.num_tasks
+    def on_run_start(self, ctx: RunContext) -> None:
+        """Become the method's router."""
+        as_capability(ctx.method, Routable, "topk_routing").attach_router(self)
+        self.num_tasks = ctx.num_tasks
 
-    def on_task_start(self, loop: TaskLoop, task: int) -> None:
+    def on_task_start(self, ctx: RunContext, task: int) -> None:
         """The selector changes with every task: forget cached rankings."""
         self.cache.clear()
 
-    def on_stage_end(self, loop: TaskLoop, task: int, stage: StageSpec) -> None:
+    def on_stage_end(self, ctx: RunContext, task: int, stage: StageSpec) -> None:
         """After the selector stage restores its best epoch, rankings are cached against that frozen selector."""
         self.cache.clear()
 
     # ---------------------------------------------------------------------------------------------- routing
-    def ranking(self, module: Any, batch: dict[str, Any]) -> torch.Tensor:
+    def ranking(self, method: Routable, batch: Batch) -> torch.Tensor:
         """Top-k experts [B, k] by the frozen selector, cached by sample key."""
-        k = min(self.options.topk, module.task + 1)
-        if module.task == 0:
-            return torch.zeros((len(batch["keys"]), 1), dtype=torch.long, device=module.device)
+        device = batch["input_ids"].device
         keys = batch["keys"]
+        if not method.routing_active():  # task 1: one expert, nothing to rank
+            return torch.zeros((len(keys), 1), dtype=torch.long, device=device)
         missing = [i for i, key in enumerate(keys) if key not in self.cache]
         if missing:
-            rows = torch.tensor(missing, device=module.device)
+            rows = torch.tensor(missing, device=device)
             sub = {
                 n: (v[rows] if torch.is_tensor(v) else [v[i] for i in missing] if isinstance(v, list) else v)
                 for n, v in batch.items()
             }
-            top = module.selector_logits(sub).topk(k, dim=-1).indices
+            scores = method.task_scores(sub)
+            top = scores.topk(min(self.options.topk, scores.shape[-1]), dim=-1).indices
             for j, i in enumerate(missing):
                 self.cache[keys[i]] = top[j].cpu()
-        return torch.stack([self.cache[key] for key in keys]).to(module.device)
+        return torch.stack([self.cache[key] for key in keys]).to(device)
 
-    def _route(self, module: Any, batch: dict[str, Any], train: bool) -> None:
-        if module.stage != "expert":
-            return
-        route = self.ranking(module, batch)
+    def route(self, method: Routable, batch: Batch, *, train: bool) -> torch.Tensor:
+        """The experts of a batch (``contract.Router``); teacher forcing in training."""
+        route = self.ranking(method, batch)
         if train and self.options.teacher_forcing:
             route = apply_teacher_forcing(route, batch["task_ids"])
-        batch["route"] = route
-
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
-        """Route a training batch (teacher forcing)."""
-        self._route(pl_module, batch, train=True)
-
-    def on_validation_batch_start(
-        self, trainer: L.Trainer, pl_module: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
-    ) -> None:
-        """Route a validation batch (no teacher forcing)."""
-        self._route(pl_module, batch, train=False)
+        return route
 
     # ------------------------------------------------------------------------------------------ test metrics
     def on_test_epoch_start(self, trainer: L.Trainer, pl_module: Any) -> None:
@@ -118,20 +113,13 @@ class TopKRoutingCallback(TaskCallback):
         self.hit = TaskAccuracy(n).to(pl_module.device)
         self.oracle = TaskAccuracy(n).to(pl_module.device)
         self.actual = TaskAccuracy(n).to(pl_module.device)
-        self.confusion = MulticlassConfusionMatrix(num_classes=n).to(pl_module.device)
-
-    def on_test_batch_start(
-        self, trainer: L.Trainer, pl_module: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
-    ) -> None:
-        """Route a test batch (no teacher forcing)."""
-        pl_module.stage = "expert"
-        self._route(pl_module, batch, train=False)
+        self.confusion = MulticlassConfusionMatrix(num_classes=max(n, 2)).to(pl_module.device)  # torchmetrics: >= 2
 
     def on_test_batch_end(
         self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
     ) -> None:
         """Selector accuracy, top-k hits, confusion and oracle-routing accuracy of the batch."""
-        gold, route = batch["task_ids"], batch["route"]
+        gold, route = batch["task_ids"], self.ranking(pl_module, batch)
         self.sel_acc.update(route[:, 0], gold, gold)
         hit = (route == gold[:, None]).any(dim=1)
         self.hit.update(torch.where(hit, gold, -1), gold, gold)
@@ -153,7 +141,7 @@ class TopKRoutingCallback(TaskCallback):
                 "per_task": [round(float(v), 4) for v in torch.atleast_1d(sel["per_task"])[:k]],
                 "topk": self.options.topk,
                 "topk_hit_rate": round(float(hit["micro"]), 4),
-                "confusion": self.confusion.compute().reshape(self.num_tasks, self.num_tasks)[:k, :k].tolist(),
+                "confusion": self.confusion.compute()[:k, :k].tolist(),
                 "oracle_acc_macro": round(float(oracle["macro"]), 4),
                 "oracle_acc_micro": round(float(oracle["micro"]), 4),
                 "oracle_gap_macro": round(float(oracle["macro"] - actual["macro"]), 4),

@@ -8,39 +8,37 @@ installed for the task and, before each stage, serves either the current task al
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any, ClassVar
 
 from conpet_lightning.callbacks.base import TaskCallback
+from conpet_lightning.contract import RunContext, StageDataSource, StageSpec, stage_data_of
 from conpet_lightning.data.datamodule import shuffled_epoch
-from conpet_lightning.methods.static.common import stage_data_kind
 from conpet_lightning.registry import CALLBACKS
-
-if TYPE_CHECKING:
-    from conpet_lightning.loop import TaskLoop
-    from conpet_lightning.methods.base import StageSpec
 
 
 @CALLBACKS.register("stage_data")
 class StageDataCallback(TaskCallback):
     """Swaps the task's replay plan for the current task alone in the stages that ask for it."""
 
+    requires: ClassVar[tuple[type, ...]] = (StageDataSource,)
+
     def __init__(self) -> None:
         self.saved: tuple[list[list[list[int]]], list[list[int]], str] | None = None
         self.records: dict[int, dict[str, Any]] = {}
 
-    def on_task_start(self, loop: TaskLoop, task: int) -> None:
+    def on_task_start(self, ctx: RunContext, task: int) -> None:
         """Keep the plan the replay callback installed: every epoch the task's longest stage will iterate."""
-        dm = loop.datamodule
-        epochs = max([s.epochs for s in loop.method.stages(task)] + [1])
+        dm = ctx.datamodule
+        epochs = max([s.epochs for s in ctx.method.stages(task)] + [1])
         self.saved = ([dm.train_plan(e) for e in range(epochs)], dm.valid_plan(), dm.train_plan_info)
 
-    def on_stage_start(self, loop: TaskLoop, task: int, stage: StageSpec) -> None:
+    def on_stage_start(self, ctx: RunContext, task: int, stage: StageSpec) -> None:
         """Serve the current task alone, or the kept replay plan, as the method asks."""
         assert self.saved is not None, "on_task_start runs first"
-        dm = loop.datamodule
-        kind = stage_data_kind(loop.method, task, stage)
+        dm = ctx.datamodule
+        kind = stage_data_of(ctx.method, task, stage)
         if kind == "current":
-            current, seed, size = dm.indices("train", task), loop.cfg.seed, dm.batch_size
+            current, seed, size = dm.indices("train", task), ctx.seed, dm.batch_size
             dm.set_train_plan(lambda epoch: shuffled_epoch(current, size, seed, task, epoch), "current task")
         else:
             plans, _, info = self.saved

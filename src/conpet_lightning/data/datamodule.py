@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from conpet_lightning.data.encoding import encode, template_too_long
 from conpet_lightning.data.records import PARTS, Benchmark
-from conpet_lightning.models.markers import MarkerMap
+from conpet_lightning.data.markers import MarkerMap
 from conpet_lightning.policies.sampling import PlanBatchSampler
 
 Plan = list[list[int]]

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from conpet_lightning.data.records import HEAD_END, HEAD_START, MASK, TAIL_END, TAIL_START, TEMPLATE_START
 
 if TYPE_CHECKING:
-    from conpet_lightning.models.markers import MarkerMap
+    from conpet_lightning.data.markers import MarkerMap
 
 #: Below this ``max_len`` no template plus marked span can be kept intact.
 MIN_MAX_LEN = 16

@@ -8,49 +8,49 @@ best-epoch selection and the accuracy matrix use the same definition (macro = me
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import lightning as L
 import torch
 
-from conpet_lightning.config import RunConfig
+from conpet_lightning.config import RunConfig, check_options
+from conpet_lightning.contract import (
+    FitContext,
+    MemoryView,
+    RunContext,
+    StageBudget,
+    StageData,
+    StageSpec,
+    stream_seed,
+)
 from conpet_lightning.data.records import Benchmark
 from conpet_lightning.metrics.task_accuracy import TaskAccuracy
 from conpet_lightning.models.backbone import LoadedBackbone
 from conpet_lightning.models.encoder import MaskEncoder
 from conpet_lightning.models.pet import count_parameters, make_lora_config
+from conpet_lightning.passes import eval_mode
+from conpet_lightning.runfiles import load_torch
 
-
-@contextmanager
-def eval_mode(module: torch.nn.Module) -> Iterator[None]:
-    """Temporarily switch a module to eval mode (no dropout in frozen forwards; peft's ``adapter_names`` needs it)."""
-    was = module.training
-    module.eval()
-    try:
-        yield
-    finally:
-        module.train(was)
-
-
-@dataclass
-class StageSpec:
-    """One fit of a fresh Trainer within a task."""
-
-    name: str
-    epochs: int
-    monitor: str = "val/acc_macro"
-    """Metric that picks the best epoch (maximised)."""
-    grad_clip: float | None = None
+__all__ = ["ContinualMethod", "StageSpec", "eval_mode"]
 
 
 class ContinualMethod(L.LightningModule, ABC):
-    """Base of every continual method: one encoder with named LoRA adapters, heads, and the seen-class bookkeeping."""
+    """Base of every continual method: one encoder with named LoRA adapters, heads, and the seen-class bookkeeping.
 
+    It implements the capabilities every method has (``contract``: stage data, per-task records, mid-training
+    evaluation, reacting to a memory) with neutral defaults; a subclass overrides what it does differently.
+    """
+
+    options_cls: ClassVar[type]
+    """The method's options dataclass (defaults and checks); the registry validates ``method`` with it."""
     #: Which training data the default plan serves: the current task only, or every seen task (joint).
     train_scope: str = "current"
+    #: Partial stage checkpoints (trainable tensors only) load into the full module.
+    strict_loading = False
+
+    @classmethod
+    def check_pairing(cls, options: Any, provided: set[str]) -> None:
+        """Cross-field rules against what the run's callbacks provide (e.g. ``router``); raise ConfigError."""
 
     def __init__(self, cfg: RunConfig, benchmark: Benchmark, backbone: LoadedBackbone, first_adapter: str = "shared"):
         super().__init__()
@@ -65,9 +65,18 @@ class ContinualMethod(L.LightningModule, ABC):
             first_adapter=first_adapter,
         )
         self.hidden_size = int(backbone.model.config.hidden_size)
+        self.options: Any = check_options(self.options_cls, cfg.method, "method")
         self.task = 0
         self.stage = ""
         self.val_acc = TaskAccuracy(self.num_tasks)
+        self.fit_context: FitContext | None = None
+        """Device and precision of the last stage's Trainer (``before_fit``): passes between stages run there."""
+        self.datamodule_ref: Any = None
+        """The run's datamodule, for passes between stages (set by ``before_fit``)."""
+        self.budget = StageBudget()
+        """The current stage's training cost so far (reset by ``before_fit``)."""
+        self.batch_frozen_only = 0
+        """Samples of the current training batch that passed frozen modules only (set by ``training_step``)."""
 
     # ------------------------------------------------------------------------------------------- task bookkeeping
     @property
@@ -89,16 +98,64 @@ class ContinualMethod(L.LightningModule, ABC):
         """The stages of a task, in order; each is fitted by a fresh Trainer."""
         return [StageSpec("train", self.cfg.train.epochs, grad_clip=self.cfg.train.grad_clip)]
 
+    def step_shares(self, task: int, stages: list[StageSpec]) -> list[float] | None:
+        """How an equal budget (``train.steps_per_task``) splits over the stages; None: in proportion to epochs."""
+        return None
+
     def setup_stage(self, task: int, stage: StageSpec) -> None:
         """Prepare trainable parameters for a stage (HF models load in eval mode; training wants train mode)."""
         self.stage = stage.name
         self.train()
+
+    def before_fit(self, task: int, stage: StageSpec, fit: FitContext, datamodule: Any) -> None:
+        """Called by the loop right before a stage's fit, and when a resumed run rebuilds a finished stage.
+
+        Work that depends on the stage's data plan (banks, streams, priors) belongs here, not in Lightning's
+        ``on_fit_start``, so that a resumed run redoes it exactly.
+        """
+        self.fit_context = fit
+        self.datamodule_ref = datamodule
+        self.budget = StageBudget()
 
     def end_stage(self, task: int, stage: StageSpec) -> None:
         """Called after the best checkpoint of a stage is restored."""
 
     def end_task(self, task: int) -> None:
         """Called after the last stage of a task (before its test)."""
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """Count the batch into the stage's budget (samples through trainable parameters, tokens)."""
+        frozen, self.batch_frozen_only = self.batch_frozen_only, 0
+        self.budget.samples_trainable += len(batch["keys"]) - frozen
+        self.budget.samples_frozen_only += frozen
+        self.budget.tokens += int(batch["attention_mask"].sum())
+
+    def on_train_epoch_start(self) -> None:
+        """Every epoch draws from its own random stream, so a run resumed at an epoch boundary continues exactly."""
+        L.seed_everything(stream_seed(self.cfg.seed, self.task, self.stage, self.current_epoch), verbose=False)
+
+    # ------------------------------------------------------------------------------ capabilities (``contract``)
+    def stage_data(self, task: int, stage: StageSpec) -> StageData:
+        """What a stage trains on: by default the current task plus whatever the replay callbacks store."""
+        return "replay"
+
+    def task_record(self, task: int) -> dict[str, Any]:
+        """Extra entries for ``metrics.json`` ``per_task[task]``."""
+        return {}
+
+    def midtraining_eval_blocker(self) -> str | None:
+        """Why continual evaluation would measure nothing meaningful mid-stage (None: it can run)."""
+        return None
+
+    def memory_after_stage(self) -> str | None:
+        """The stage after which an episodic memory picks this task's exemplars (None: at task end)."""
+        return None
+
+    def use_memory(self, memory: MemoryView) -> None:
+        """An episodic memory serves this method (called once at run start)."""
+
+    def memory_updated(self, ctx: RunContext, task: int, memory: MemoryView) -> None:
+        """Task ``task``'s exemplars were picked."""
 
     # --------------------------------------------------------------------------------------------- model pieces
     def represent(self, batch: dict[str, Any], adapter_names: list[str] | None = None) -> torch.Tensor:
@@ -162,7 +219,7 @@ class ContinualMethod(L.LightningModule, ABC):
 
     def restore_trainable(self, path: str) -> None:
         """Load a stage checkpoint written by ``on_save_checkpoint`` (a partial state dict)."""
-        state = torch.load(path, map_location=self.device, weights_only=True)["state_dict"]
+        state = load_torch(path, "stage weights")["state_dict"]
         missing = set(state) - set(self.state_dict())
         if missing:
             raise KeyError(f"checkpoint {path} has keys this module lacks: {sorted(missing)[:5]}")

@@ -3,8 +3,8 @@
 Per task k >= 2 (0-based k >= 1) there are two stages, each a fresh Trainer: ``selector`` (task-id cross-entropy on
 the dynamic-replay batches) then ``expert`` (routing by the frozen best selector, teacher forcing in training, the
 logits of unselected experts filled with ``null_expert_logit``, log-softmax over all seen classes). Task 1 trains
-expert 1 alone. Routing itself comes from the ``topk_routing`` callback, which writes ``batch["route"]``; without
-it (``selector: false``) every sample goes through every expert.
+expert 1 alone. Routing itself comes from a router callback (``topk_routing``), which attaches itself to the method
+(``contract.Routable.attach_router``); without a selector every sample goes through every expert.
 
 Frozen things are computed once: old experts' head outputs are cached by (expert, sample key). Samples routed only
 to frozen experts add a constant to the loss and no gradient, so with ``skip_frozen`` they never enter the trainable
@@ -21,11 +21,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conpet_lightning.config import RunConfig, check_options
+from conpet_lightning.config import ConfigError, RunConfig, require_choice, require_range
+from conpet_lightning.contract import Batch, FitContext, Router, StageSpec
 from conpet_lightning.data.records import Benchmark
-from conpet_lightning.methods.base import ContinualMethod, StageSpec, eval_mode
+from conpet_lightning.methods.base import ContinualMethod
 from conpet_lightning.metrics.task_accuracy import TaskAccuracy
 from conpet_lightning.models.backbone import LoadedBackbone
+from conpet_lightning.passes import eval_mode
 from conpet_lightning.registry import METHODS
 
 
@@ -42,6 +44,9 @@ class DynamicConPETConfig:
     """from_selector (LLaMA-faithful: expert k starts from the best selector-k LoRA) | fresh."""
     selector_epochs: int | None = None
     """Epochs of the selector stage (default: train.epochs)."""
+    selector_step_share: float | None = None
+    """Under an equal budget (``train.steps_per_task``), the selector stage's share of a task's steps (the expert
+    gets the rest); None: in proportion to the two stages' epochs."""
     selector_grad_clip: float = 1.0
     selector_logit_adjustment: float = 0.0
     """tau of logit-adjusted training (Menon et al. 2021): the selector trains on ``logits + tau * log(prior)``,
@@ -51,6 +56,18 @@ class DynamicConPETConfig:
     skip_frozen: bool = True
     """Serve samples routed only to frozen experts from the cache instead of the trainable forward (same loss and
     gradients; with backbone dropout, different random masks)."""
+
+    def __post_init__(self) -> None:
+        require_choice("selector_init", self.selector_init, INIT_SELECTOR)
+        require_choice("expert_init", self.expert_init, INIT_EXPERT)
+        require_range("selector_epochs", self.selector_epochs, low=0)
+        require_range("selector_step_share", self.selector_step_share, low=0.0, high=1.0, open_low=True)
+        require_range("selector_grad_clip", self.selector_grad_clip, low=0, open_low=True)
+        require_range("selector_logit_adjustment", self.selector_logit_adjustment, low=0)
+
+    def has_selector(self) -> bool:
+        """True when a learned selector routes samples (a router callback must then be present)."""
+        return self.selector
 
 
 INIT_SELECTOR = ("from_prev_expert", "from_prev_selector", "fresh")
@@ -66,13 +83,22 @@ def expert_name(task: int) -> str:
 class DynamicConPET(ContinualMethod):
     """Per-task LoRA experts with per-task heads, and a LoRA task selector whose head grows by one row per task."""
 
+    options_cls = DynamicConPETConfig
+
+    @classmethod
+    def check_pairing(cls, options: Any, provided: set[str]) -> None:
+        """A selector is only used through a router callback."""
+        if options.selector and "router" not in provided:
+            raise ConfigError(
+                "method.selector=true needs a router callback (callbacks.routing: {preset: topk_routing}); "
+                "set method.selector=false to send every sample to every expert"
+            )
+
     def __init__(self, cfg: RunConfig, benchmark: Benchmark, backbone: LoadedBackbone) -> None:
         super().__init__(cfg, benchmark, backbone, first_adapter=expert_name(0))
-        self.options: DynamicConPETConfig = check_options(DynamicConPETConfig, cfg.method, "method")
-        if self.options.selector_init not in INIT_SELECTOR:
-            raise ValueError(f"method.selector_init must be one of {INIT_SELECTOR}, not {self.options.selector_init!r}")
-        if self.options.expert_init not in INIT_EXPERT:
-            raise ValueError(f"method.expert_init must be one of {INIT_EXPERT}, not {self.options.expert_init!r}")
+        self.options: DynamicConPETConfig
+        self.router: Router | None = None
+        """Decides the experts of each batch (attached by the routing callback); None: every expert."""
         self.expert_heads = nn.ModuleList([nn.Linear(self.hidden_size, len(self.task_classes[0]))])
         self.selector_head: nn.Linear | None = None
         self.selector_val = TaskAccuracy(self.num_tasks)
@@ -96,6 +122,13 @@ class DynamicConPET(ContinualMethod):
             "selector", sel_epochs, monitor="val/selector_acc", grad_clip=self.options.selector_grad_clip
         )
         return [selector, expert]
+
+    def step_shares(self, task: int, stages: list[StageSpec]) -> list[float] | None:
+        """``selector_step_share`` of the task's steps to the selector, the rest to the expert (when both train)."""
+        share = self.options.selector_step_share
+        if share is None or [s.name for s in stages] != ["selector", "expert"]:
+            return None
+        return [share, 1.0 - share]
 
     def setup_task(self, task: int) -> None:
         """Grow the selector (task >= 1) and add this task's expert adapter and head."""
@@ -156,17 +189,30 @@ class DynamicConPET(ContinualMethod):
         self.frozen_experts.add(task)
 
     # ------------------------------------------------------------------------------------------------ selector
-    def on_fit_start(self) -> None:
+    def before_fit(self, task: int, stage: StageSpec, fit: FitContext, datamodule: Any) -> None:
         """Selector stage: measure each task's share of the training plan (the prior of logit adjustment)."""
-        if self.stage != "selector" or self.options.selector_logit_adjustment == 0:
+        super().before_fit(task, stage, fit, datamodule)
+        if stage.name != "selector" or self.options.selector_logit_adjustment == 0:
             self.selector_log_prior = None
             return
-        dm = self.trainer.datamodule
+        dm = datamodule
         tasks = [dm.item("train", i)["task"] for batch in dm.train_plan(0) for i in batch]
         counts = torch.bincount(torch.tensor(tasks), minlength=self.task + 1).double()
         prior = (counts + 1) / (counts.sum() + len(counts))  # add-one smoothing: no task has a zero prior
         self.selector_priors[self.task] = [round(float(v), 4) for v in prior]
-        self.selector_log_prior = prior.log().float().to(self.device)
+        self.selector_log_prior = prior.log().float()
+
+    def task_scores(self, batch: Batch) -> torch.Tensor:
+        """The frozen selector's task scores ``[B, seen tasks]`` (``contract.Routable``)."""
+        return self.selector_logits(batch)
+
+    def attach_router(self, router: Router | None) -> None:
+        """Route through ``router`` from now on (``contract.Routable``)."""
+        self.router = router
+
+    def routing_active(self) -> bool:
+        """Batches are routed from task 2 on, outside the selector stage (``contract.Routable``)."""
+        return self.task > 0 and self.stage != "selector"
 
     def selector_logits(self, batch: dict[str, Any], trainable: bool = False) -> torch.Tensor:
         """Task scores [B, k+1]; frozen (no grad, eval mode) unless training the selector."""
@@ -186,6 +232,9 @@ class DynamicConPET(ContinualMethod):
         missing = [
             i for i, k in zip(rows.tolist(), keys, strict=True) if not (cacheable and (expert, k) in self.expert_cache)
         ]
+        if self.training:  # the training budget counts frozen forwards (validation and tests are not training)
+            self.budget.frozen_cache_hits += len(keys) - len(missing)
+            self.budget.frozen_cache_misses += len(missing)
         if missing:
             sub = _take(batch, torch.tensor(missing, device=rows.device))
             with torch.no_grad(), eval_mode(self.encoder):
@@ -222,15 +271,14 @@ class DynamicConPET(ContinualMethod):
         """Every sample to every seen expert (no selector)."""
         return torch.arange(self.task + 1, device=self.device).expand(batch_size, -1)
 
-    def route_of(self, batch: dict[str, Any]) -> torch.Tensor:
-        """The batch's routing [B, topk]: from the routing callback, or all experts without a selector."""
-        if "route" in batch:
-            return batch["route"]
-        if self.options.selector and self.task > 0:
-            raise RuntimeError(
-                "method.selector is on but no routing callback wrote batch['route']: add the "
-                "'topk_routing' callback (callbacks/topk_routing.yaml) or set method.selector=false"
-            )
+    def route_of(self, batch: dict[str, Any], train: bool = False) -> torch.Tensor:
+        """The batch's routing [B, topk]: from the attached router, or all experts without a selector."""
+        if self.task == 0:
+            return torch.zeros((len(batch["keys"]), 1), dtype=torch.long, device=self.device)
+        if self.options.selector:
+            if self.router is None:
+                raise RuntimeError("method.selector is on but no router is attached (see check_pairing)")
+            return self.router.route(self, batch, train=train)
         return self.all_experts_route(len(batch["keys"]))
 
     # ---------------------------------------------------------------------------------------------- Lightning
@@ -240,7 +288,8 @@ class DynamicConPET(ContinualMethod):
         if self.stage == "selector":
             logits = self.selector_logits(batch, trainable=True)
             if self.selector_log_prior is not None:
-                logits = logits + self.options.selector_logit_adjustment * self.selector_log_prior
+                prior = self.selector_log_prior.to(logits.device)
+                logits = logits + self.options.selector_logit_adjustment * prior
             loss = F.cross_entropy(logits, batch["task_ids"])
         else:
             loss = self.expert_loss(batch)
@@ -249,7 +298,10 @@ class DynamicConPET(ContinualMethod):
 
     def expert_loss(self, batch: dict[str, Any]) -> torch.Tensor:
         """NLL over all seen classes of the routed logits; only the current expert carries gradient."""
-        logits = self.assemble_logits(batch, self.route_of(batch), trainable=self.task)
+        route = self.route_of(batch, train=True)
+        if self.options.skip_frozen:  # rows that never reach the trainable expert skip its forward pass
+            self.batch_frozen_only = int((~(route == self.task).any(dim=1)).sum())
+        logits = self.assemble_logits(batch, route, trainable=self.task)
         target = self.class_index.to(self.device)[batch["labels"]]
         loss = F.nll_loss(F.log_softmax(logits, dim=-1), target)
         if not loss.requires_grad:

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from conpet_lightning.config import RunConfig, check_options
+from conpet_lightning.config import RunConfig
 from conpet_lightning.data.records import Benchmark
 from conpet_lightning.methods.base import ContinualMethod
 from conpet_lightning.models.backbone import LoadedBackbone
@@ -36,13 +36,24 @@ class SharedPETModule(ContinualMethod):
 
     def __init__(self, cfg: RunConfig, benchmark: Benchmark, backbone: LoadedBackbone) -> None:
         super().__init__(cfg, benchmark, backbone, first_adapter="shared")
-        self.options = check_options(self.options_cls, cfg.method, "method")
         self.head = torch.nn.Linear(self.hidden_size, self.num_classes)
         self.encoder.activate("shared")
 
+    def head_input(self, batch: dict[str, Any]) -> torch.Tensor:
+        """What the head reads: the mask hidden state (EA-EMR inserts its alignment here)."""
+        return self.represent(batch)
+
     def logits(self, batch: dict[str, Any]) -> torch.Tensor:
         """Head logits over all classes."""
-        return self.head(self.represent(batch))
+        return self.head(self.head_input(batch))
+
+    def memory_features(self, batch: dict[str, Any], kind: str) -> torch.Tensor:
+        """Features for exemplar selection (``contract.MemoryFeatureSource``): classifier outputs or hidden state."""
+        if kind == "logits":
+            return self.logits(batch)
+        if kind == "hidden":
+            return self.represent(batch)
+        raise ValueError(f"memory feature {kind!r} is not one of logits, hidden")
 
     def predict(self, batch: dict[str, Any]) -> torch.Tensor:
         """Argmax over the seen classes."""

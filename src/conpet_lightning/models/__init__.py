@@ -1,6 +1,6 @@
-"""Backbones, marker mapping, LoRA (upstream ``peft``) and the mask-position encoder.
+"""Backbones, LoRA (upstream ``peft``) and the mask-position encoder (marker mapping lives in ``data.markers``).
 
-Names are imported lazily so that ``conpet_lightning.models.markers`` does not pay for importing ``peft``.
+Names are imported lazily so that importing one submodule does not pay for importing ``peft``.
 """
 
 from __future__ import annotations
@@ -12,8 +12,6 @@ _EXPORTS: dict[str, str] = {
     "BACKBONES": "backbone",
     "LoadedBackbone": "backbone",
     "load_backbone": "backbone",
-    "MarkerMap": "markers",
-    "markers_for": "markers",
     "default_target_modules": "pet",
     "make_lora_config": "pet",
     "count_parameters": "pet",

@@ -22,7 +22,7 @@ import transformers
 from transformers import AutoModel, AutoTokenizer, BertConfig, LlamaConfig
 
 from conpet_lightning.config import ConfigError
-from conpet_lightning.models.markers import MarkerMap, markers_for
+from conpet_lightning.data.markers import MarkerMap, markers_for
 
 BACKBONES: tuple[str, ...] = ("minilm", "smollm2", "tiny-bert", "tiny-llama")
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

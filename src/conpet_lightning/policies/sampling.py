@@ -51,7 +51,7 @@ def _rng(*words: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([int(w) for w in words]))
 
 
-@dataclass
+@dataclass(kw_only=True)
 class DynamicReplayPolicy:
     """Which samples each step sees: ConPET's fixed step budget with task-balanced replay of old tasks.
 
@@ -59,10 +59,11 @@ class DynamicReplayPolicy:
     cached sequence (cache mode); both are deterministic, so re-iterating a loader for the same epoch replays it.
     """
 
-    policy: int = 2
+    policy: int
     """0: no budget (a shuffled epoch over the union of the pools); 1: ``(k+1) x batch_limit``; 2: ``batch_limit``."""
-    batch_limit: int = 400
-    """Batches per epoch, split ``train_fraction`` / ``1 - train_fraction`` between training and validation."""
+    batch_limit: int
+    """Batches per epoch, split ``train_fraction`` / ``1 - train_fraction`` between training and validation (no
+    default here: the ``dynamic_replay`` callback options hold it)."""
     train_fraction: float = 0.8
     """Share of ``batch_limit`` that is training batches (ConPET's 80/20)."""
     new_old_ratio: float = 1.0

@@ -3,5 +3,3 @@
 Each flavour pairs a method here with a data callback (episodic memory or dynamic replay); EWC and LwF are the
 replay-free baselines.
 """
-
-from conpet_lightning.methods.static import crl, eaemr, emr, regularized  # noqa: F401  (registers the methods)

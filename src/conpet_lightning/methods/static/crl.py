@@ -16,6 +16,9 @@ Prediction is the nearest class prototype (squared Euclidean distance on the unp
 being class means over the memory (CRL, ``prototypes: memory`` with ``episodic_memory``) or over the samples the last
 stage's plan served plus ``min_sample_num`` samples of every seen class (CRL*, ``prototypes: pool`` with
 ``dynamic_replay`` + ``stage_data``). The memory itself is picked after stage 1 (``memory_after_stage``).
+
+Continual evaluation skips CRL (``midtraining_eval_blocker``): prototypes are computed only in ``end_task``, so a
+mid-stage prediction would use none (task 1) or the previous task's, from an encoder that has moved since.
 """
 
 from __future__ import annotations
@@ -23,17 +26,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conpet_lightning.config import RunConfig, check_options
+from conpet_lightning.config import RunConfig, require_choice, require_range
+from conpet_lightning.contract import FitContext, MemoryView, RunContext, StageData, StageSpec
 from conpet_lightning.data.records import Benchmark
-from conpet_lightning.methods.base import ContinualMethod, StageSpec
-from conpet_lightning.methods.static.common import FitContext, encode_records, fit_context_of, plan_indices
+from conpet_lightning.methods.base import ContinualMethod
 from conpet_lightning.models.backbone import LoadedBackbone
+from conpet_lightning.passes import encode_records, plan_indices
 from conpet_lightning.registry import METHODS
 
 PROTOTYPE_SOURCES = ("memory", "pool")
@@ -60,24 +63,28 @@ class CRLConfig:
     min_sample_num: int = 10
     """pool: every seen class contributes at least min(this, its size) samples, so every class has a prototype."""
 
+    def __post_init__(self) -> None:
+        require_choice("prototypes", self.prototypes, PROTOTYPE_SOURCES)
+        for key in ("feat_dim", "sample_k", "min_sample_num"):
+            require_range(key, getattr(self, key), low=1)
+        for key in ("temperature", "kl_temperature", "grad_clip"):
+            require_range(key, getattr(self, key), low=0.0, open_low=True)
+        require_range("step1_epochs", self.step1_epochs, low=1)
+        require_range("step2_epochs", self.step2_epochs, low=1)
+
 
 @METHODS.register("crl")
 class CRLModule(ContinualMethod):
     """Shared LoRA + projection MLP, trained contrastively; predicts by the nearest class prototype."""
 
-    memory_after_stage = "contrast"
-    """The ``episodic_memory`` callback picks this task's memory after this stage, before ``replay``."""
+    options_cls = CRLConfig
 
     def __init__(self, cfg: RunConfig, benchmark: Benchmark, backbone: LoadedBackbone) -> None:
         super().__init__(cfg, benchmark, backbone, first_adapter="shared")
-        self.options: CRLConfig = check_options(CRLConfig, cfg.method, "method")
-        if self.options.prototypes not in PROTOTYPE_SOURCES:
-            raise ValueError(f"method.prototypes must be one of {PROTOTYPE_SOURCES}, not {self.options.prototypes!r}")
+        self.options: CRLConfig
         h = self.hidden_size
         self.projector = nn.Sequential(nn.Linear(h, h), nn.ReLU(), nn.Linear(h, self.options.feat_dim))
         self.encoder.activate("shared")
-        self.fit_context: FitContext | None = None
-        self.datamodule_ref: L.LightningDataModule | None = None
         self.bank_index = np.empty(0, dtype=np.int64)
         self.bank_feats = torch.empty(0)
         self.bank_labels = torch.empty(0, dtype=torch.long)
@@ -99,7 +106,18 @@ class CRLModule(ContinualMethod):
             return [step1]
         return [step1, StageSpec("replay", o.step2_epochs or epochs, monitor=None, grad_clip=o.grad_clip)]  # type: ignore[arg-type]
 
-    def stage_data(self, task: int, stage: StageSpec) -> str:
+    def memory_after_stage(self) -> str | None:
+        """The ``episodic_memory`` callback picks this task's memory after ``contrast``, before ``replay``."""
+        return "contrast"
+
+    def midtraining_eval_blocker(self) -> str | None:
+        """Prototypes exist only at task end (see the module docstring)."""
+        return (
+            "CRL predicts by class prototypes, which are computed only at the end of each task: mid-training "
+            "evaluation is skipped and eval_curve holds only the end-of-task entries"
+        )
+
+    def stage_data(self, task: int, stage: StageSpec) -> StageData:
         """Stage 1 trains on the current task alone, stage 2 on the stored samples."""
         return "current" if stage.name == "contrast" else "memory"
 
@@ -109,20 +127,28 @@ class CRLModule(ContinualMethod):
         self.encoder.activate("shared")
         self.projector.requires_grad_(True)
 
-    def on_fit_start(self) -> None:
+    def before_fit(self, task: int, stage: StageSpec, fit: FitContext, datamodule: Any) -> None:
         """Fill the bank with the projected features of every sample the stage's plan will serve."""
-        self.fit_context = FitContext.from_trainer(self.trainer, self)
-        dm = self.datamodule_ref = self.trainer.datamodule
-        self.stage_pool = plan_indices(dm, int(self.trainer.max_epochs or 1))
+        super().before_fit(task, stage, fit, datamodule)
+        dm = datamodule
+        self.stage_pool = plan_indices(dm, fit.epochs)
         self.bank_index = self.stage_pool
-        self.bank_feats = encode_records(self, dm, "train", self.bank_index, self.project, self.fit_context).to(
-            self.device
-        )
-        self.bank_labels = torch.tensor(
-            [dm.item("train", int(i))["label"] for i in self.bank_index], device=self.device
-        )
+        self.bank_feats = encode_records(self, dm, "train", self.bank_index, self.project, fit).to(fit.device)
+        self.bank_labels = torch.tensor([dm.item("train", int(i))["label"] for i in self.bank_index], device=fit.device)
 
-    def memory_updated(self, loop: Any, task: int, memory: Any) -> None:
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """The bank travels with the stage's checkpoints: a stage resumed mid-way contrasts against the same bank."""
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["crl_bank"] = {"index": torch.as_tensor(self.bank_index), "feats": self.bank_feats.detach().cpu()}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Put back the bank of the epoch the stage resumes after."""
+        bank = checkpoint.get("crl_bank")
+        if bank is not None:
+            self.bank_index = bank["index"].numpy()
+            self.bank_feats = bank["feats"].to(self.bank_feats.device)
+
+    def memory_updated(self, ctx: RunContext, task: int, memory: MemoryView) -> None:
         """The episodic memory of every seen task, the prototype pool of CRL."""
         self.memory_pool = memory.memory_indices("train", range(task + 1))
 
@@ -202,6 +228,7 @@ class CRLModule(ContinualMethod):
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         """Write the batch features into the bank (after backward, so the loss's bank was the old one)."""
+        super().on_train_batch_end(outputs, batch, batch_idx)
         if self._pending is None:
             return
         index, feats = self._pending
@@ -237,7 +264,7 @@ class CRLModule(ContinualMethod):
 
     def compute_prototypes(self, task: int) -> None:
         """Class means of the pool: hidden-state prototypes, and projected ones for the next task's distillation."""
-        dm, ctx = self.datamodule_ref, fit_context_of(self.fit_context)
+        dm, ctx = self.datamodule_ref, self.fit_context
         pool = self.prototype_pool(task)
         both = encode_records(self, dm, "train", pool, lambda b: self._hidden_and_projected(b), ctx)
         h, f = both[:, : self.hidden_size], both[:, self.hidden_size :]

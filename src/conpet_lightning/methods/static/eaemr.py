@@ -28,12 +28,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conpet_lightning.config import RunConfig
+from conpet_lightning.config import RunConfig, require_choice, require_range
+from conpet_lightning.contract import FitContext, MemoryView, RunContext, StageSpec
 from conpet_lightning.data.records import Benchmark
-from conpet_lightning.methods.static.common import broadcast_from_rank0, encode_records, fit_context_of, plan_indices
 from conpet_lightning.methods.static.emr import EMRConfig, EMRModule
 from conpet_lightning.metrics.task_accuracy import TaskAccuracy
 from conpet_lightning.models.backbone import LoadedBackbone
+from conpet_lightning.passes import broadcast_from_rank0, encode_records, plan_indices
 from conpet_lightning.registry import METHODS
 
 ALIGN_INITS = ("identity", "default")
@@ -52,6 +53,12 @@ class EAEMRConfig(EMRConfig):
     align_epochs: int = 20
     align_batch_size: int = 32
 
+    def __post_init__(self) -> None:
+        require_choice("align_init", self.align_init, ALIGN_INITS)
+        require_range("align_lr", self.align_lr, low=0.0, open_low=True)
+        require_range("align_epochs", self.align_epochs, low=0)
+        require_range("align_batch_size", self.align_batch_size, low=1)
+
 
 @METHODS.register("eaemr")
 class EAEMRModule(EMRModule):
@@ -61,8 +68,6 @@ class EAEMRModule(EMRModule):
 
     def __init__(self, cfg: RunConfig, benchmark: Benchmark, backbone: LoadedBackbone) -> None:
         super().__init__(cfg, benchmark, backbone)
-        if self.options.align_init not in ALIGN_INITS:
-            raise ValueError(f"method.align_init must be one of {ALIGN_INITS}, not {self.options.align_init!r}")
         self.align = nn.Linear(self.hidden_size, self.hidden_size)
         if self.options.align_init == "identity":
             with torch.no_grad():
@@ -83,7 +88,7 @@ class EAEMRModule(EMRModule):
         self.records: dict[int, dict[str, Any]] = {}
 
     # ------------------------------------------------------------------------------------------------- model
-    def head_input(self, batch: dict[str, Any]) -> torch.Tensor:
+    def head_input(self, batch: dict[str, Any]) -> torch.Tensor:  # type: ignore[override]
         """``A(z)``: the aligned mask hidden state (``z`` itself with ``apply_alignment: false``)."""
         z = self.represent(batch)
         return self.align(z) if self.options.apply_alignment else z
@@ -96,14 +101,17 @@ class EAEMRModule(EMRModule):
         self.stream_targets = {}
         self.records[task] = {}
 
-    def on_fit_start(self) -> None:
+    def use_memory(self, memory: MemoryView) -> None:
+        """EA-EMR: an episodic memory holds the stored samples (EA-EMR* without one aligns on the replay stream)."""
+        self.uses_memory = True
+
+    def before_fit(self, task: int, stage: StageSpec, fit: FitContext, datamodule: Any) -> None:
         """EA-EMR*, first stage of task k >= 2: embed the old samples of the replay stream with the pre-task model."""
-        super().on_fit_start()
-        self.uses_memory = any(hasattr(cb, "memory_indices") for cb in self.trainer.callbacks)
-        if self.uses_memory or self.task == 0 or self.stream_targets:
+        super().before_fit(task, stage, fit, datamodule)
+        if self.uses_memory or task == 0 or self.stream_targets:
             return
-        dm = self.trainer.datamodule
-        self.stream_epochs = int(self.trainer.max_epochs or 1)
+        dm = datamodule
+        self.stream_epochs = fit.epochs
         stream = plan_indices(dm, self.stream_epochs)
         old = stream[~np.isin(stream, dm.indices("train", self.task))]
         if len(old):
@@ -126,7 +134,7 @@ class EAEMRModule(EMRModule):
         y = torch.stack([old.get(i, new[row]) for row, i in enumerate(stream.tolist())])
         self.records[task]["fit"] = self.fit_alignment(z, y, task)
 
-    def memory_updated(self, loop: Any, task: int, memory: Any) -> None:
+    def memory_updated(self, ctx: RunContext, task: int, memory: MemoryView) -> None:
         """EA-EMR: after the memory of task k is picked, fit ``A`` on the whole training memory, then re-store."""
         indices = memory.memory_indices("train", range(task + 1))
         if len(indices) == 0:
@@ -142,8 +150,7 @@ class EAEMRModule(EMRModule):
 
     # --------------------------------------------------------------------------------------------- alignment
     def _hidden(self, indices: np.ndarray) -> torch.Tensor:
-        ctx = fit_context_of(self.fit_context)
-        return encode_records(self, self.datamodule_ref, "train", indices, self.represent, ctx)
+        return encode_records(self, self.datamodule_ref, "train", indices, self.represent, self.fit_context)
 
     def _aligned(self, z: torch.Tensor) -> torch.Tensor:
         if not self.options.apply_alignment:
@@ -154,7 +161,7 @@ class EAEMRModule(EMRModule):
     def fit_alignment(self, z: torch.Tensor, y: torch.Tensor, task: int) -> dict[str, Any]:
         """Fit ``A`` by MSE from current embeddings ``z`` to stored targets ``y`` (Adam, mini-batches, seeded)."""
         o = self.options
-        device = fit_context_of(self.fit_context).device
+        device = (self.fit_context or FitContext.cpu()).device
         z, y = z.to(device), y.to(device)
         self.align.to(device)
         params = list(self.align.parameters())

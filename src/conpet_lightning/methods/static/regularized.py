@@ -20,12 +20,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from conpet_lightning.config import RunConfig
+from conpet_lightning.config import RunConfig, require_range
+from conpet_lightning.contract import FitContext
 from conpet_lightning.data.records import Benchmark
 from conpet_lightning.methods.shared import SharedPETConfig
-from conpet_lightning.methods.static.common import batch_to, eval_mode, fit_context_of
 from conpet_lightning.methods.static.emr import EMRModule
 from conpet_lightning.models.backbone import LoadedBackbone
+from conpet_lightning.passes import batch_to, eval_mode
 from conpet_lightning.registry import METHODS
 
 
@@ -40,6 +41,11 @@ class EWCConfig(SharedPETConfig):
     """Training batches of the task used for the Fisher (None = all)."""
     fisher_topk: int | None = None
     """Per batch, only the k classes of highest mean probability contribute (None = every seen class, exact)."""
+
+    def __post_init__(self) -> None:
+        require_range("ewc_lambda", self.ewc_lambda, low=0.0)
+        require_range("fisher_batches", self.fisher_batches, low=1)
+        require_range("fisher_topk", self.fisher_topk, low=1)
 
 
 @METHODS.register("ewc")
@@ -83,7 +89,7 @@ class EWCModule(EMRModule):
     def estimate_fisher(self, task: int) -> dict[str, torch.Tensor]:
         """Per-class gradients of the mean log-probability, squared and weighted by the mean probability."""
         o, dm = self.options, self.datamodule_ref
-        ctx = fit_context_of(self.fit_context)
+        ctx = self.fit_context or FitContext.cpu()
         named = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
         fisher = {n: torch.zeros_like(p, device="cpu") for n, p in named}
         self.to(ctx.device)
@@ -113,6 +119,10 @@ class LwFConfig(SharedPETConfig):
     lwf_lambda: float = 1.0
     """Weight of the distillation term (ConPET reuses ``ewc_lambda``)."""
     temperature: float = 2.0
+
+    def __post_init__(self) -> None:
+        require_range("lwf_lambda", self.lwf_lambda, low=0.0)
+        require_range("temperature", self.temperature, low=0.0, open_low=True)
 
 
 @METHODS.register("lwf")

@@ -1,0 +1,164 @@
+"""Fault injection: a run killed at any point and resumed ends with the uninterrupted run's R and weights, bit for bit.
+
+Kills are raised from inside the run (a callback or a file write raising ``Killed``), which leaves the run folder as
+a real kill would at that point: the finished tasks' files, and inside a stage Lightning's checkpoint of the last
+completed epoch. ``TaskLoop.resume`` then rebuilds everything from the folder in fresh objects. The fast cases run in
+``make test``; every experiment x kill point runs in ``make test-slow``.
+"""
+
+from __future__ import annotations
+
+import errno
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from conpet_lightning import runfiles
+from conpet_lightning.callbacks.base import TaskCallback
+from conpet_lightning.loop import TaskLoop
+from conpet_lightning.runfiles import DiskFullError
+from tests.helpers import tiny_loop
+
+NUM_TASKS = 3
+EPOCHS = "train.epochs=2"
+
+
+class Killed(Exception):
+    """Stands for the process dying at this point."""
+
+
+class KillAt(TaskCallback):
+    """Raises ``Killed`` at a chosen point: after task ``task``'s test, or at the start of ``epoch`` of a stage."""
+
+    def __init__(self, task: int, stage: str | None = None, epoch: int = 1) -> None:
+        self.task, self.stage, self.epoch = task, stage, epoch
+
+    def on_task_evaluated(self, ctx: Any, task: int) -> None:
+        if self.stage is None and task == self.task:
+            raise Killed(f"after task {task}")
+
+    def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
+        if (pl_module.task, pl_module.stage, trainer.current_epoch) == (self.task, self.stage, self.epoch):
+            raise Killed(f"task {self.task} stage {self.stage} epoch {self.epoch}")
+
+
+def _run(experiment: str, folder: Path, kill: TaskCallback | None = None) -> TaskLoop:
+    loop = tiny_loop(experiment, folder, EPOCHS, num_tasks=NUM_TASKS)
+    if kill is not None:
+        loop.callbacks.append(kill)
+    loop.run()
+    return loop
+
+
+def _state(loop: TaskLoop) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu() for k, v in loop.method.state_dict().items()}
+
+
+def _assert_same(resumed: TaskLoop, reference: TaskLoop, out: dict[str, Any]) -> None:
+    ref = reference.write_metrics()
+    assert out["accuracy_matrix"] == ref["accuracy_matrix"]
+    a, b = _state(resumed), _state(reference)
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert different == []
+
+
+@pytest.fixture(scope="module")
+def references(tmp_path_factory: pytest.TempPathFactory) -> dict[str, TaskLoop]:
+    """Uninterrupted runs, one per experiment, built on first use."""
+    cache: dict[str, TaskLoop] = {}
+
+    class Lazy(dict):
+        def __missing__(self, experiment: str) -> TaskLoop:
+            cache[experiment] = _run(experiment, tmp_path_factory.mktemp(f"ref-{experiment}"))
+            return cache[experiment]
+
+    return Lazy()
+
+
+def _kill_and_resume(experiment: str, tmp_path: Path, kill: TaskCallback) -> tuple[TaskLoop, dict[str, Any]]:
+    with pytest.raises(Killed):
+        _run(experiment, tmp_path, kill)
+    run_dir = tmp_path / experiment / "run"
+    resumed = TaskLoop.resume(run_dir)
+    return resumed, resumed.run()
+
+
+def _case_id(value: object) -> str:
+    return f"{value.task}-{value.stage}" if isinstance(value, KillAt) else str(value)
+
+
+FAST = [
+    ("naive", KillAt(task=1)),
+    ("dynamic_conpet", KillAt(task=1, stage="selector")),
+    ("dynamic_conpet", KillAt(task=2, stage="expert")),
+]
+SLOW = [
+    (exp, kill)
+    for exp, stages in (
+        ("naive", ("train",)),
+        ("emr", ("train",)),
+        ("eaemr_star", ("train",)),
+        ("crl_star", ("contrast", "replay")),
+        ("dynamic_conpet", ("selector", "expert")),
+        ("limitless", ("selector", "expert")),
+    )
+    for kill in [KillAt(task=0), KillAt(task=1), *(KillAt(task=1, stage=s) for s in stages)]
+]
+
+
+@pytest.mark.parametrize(("experiment", "kill"), FAST, ids=_case_id)
+def test_resume_after_a_kill_is_exact(experiment, kill, references, tmp_path):
+    resumed, out = _kill_and_resume(experiment, tmp_path, kill)
+    _assert_same(resumed, references[experiment], out)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("experiment", "kill"), SLOW, ids=_case_id)
+def test_resume_after_a_kill_is_exact_for_every_experiment(experiment, kill, references, tmp_path):
+    resumed, out = _kill_and_resume(experiment, tmp_path, kill)
+    _assert_same(resumed, references[experiment], out)
+
+
+def test_a_kill_inside_a_stage_continues_from_its_last_epoch(tmp_path):
+    """The killed stage is not redone: its checkpoint of epoch 1 exists and the resumed fit starts after it."""
+    with pytest.raises(Killed):
+        _run("naive", tmp_path, KillAt(task=1, stage="train"))
+    run_dir = tmp_path / "naive" / "run"
+    assert (run_dir / "checkpoints" / "task2" / "train" / "last.ckpt").is_file()
+    epochs_run: list[int] = []
+
+    class Count(TaskCallback):
+        def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
+            if pl_module.task == 1:
+                epochs_run.append(trainer.current_epoch)
+
+    resumed = TaskLoop.resume(run_dir)
+    resumed.callbacks.append(Count())
+    resumed.run()
+    assert epochs_run == [1]
+    assert not (run_dir / "checkpoints" / "task2" / "train" / "last.ckpt").exists()  # final.pt marks it done
+
+
+@pytest.mark.parametrize("target", ["metrics.json", "final.pt"])
+def test_a_full_disk_at_a_run_file_write_leaves_a_resumable_run(target, references, tmp_path, monkeypatch):
+    """The second write of ``target`` hits a full disk: the previous file stays whole and the run resumes exactly."""
+    real_replace = runfiles.os.replace
+    seen = {"n": 0}
+
+    def replace(src: str, dst: str) -> None:
+        if Path(dst).name == target:
+            seen["n"] += 1
+            if seen["n"] == 2:
+                raise OSError(errno.ENOSPC, "No space left on device")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(runfiles.os, "replace", replace)
+    with pytest.raises(DiskFullError, match="disk is full"):
+        _run("naive", tmp_path)
+    monkeypatch.setattr(runfiles.os, "replace", real_replace)
+    run_dir = tmp_path / "naive" / "run"
+    resumed = TaskLoop.resume(run_dir)
+    _assert_same(resumed, references["naive"], resumed.run())
