@@ -102,26 +102,24 @@ def begin_task(loop: Any, task: int) -> None:
 
 
 def begin_stage(loop: Any, task: int, stage: Any) -> None:
-    """What the loop does before a stage's fit: the method's stage setup, the callbacks' hook, ``before_fit``."""
+    """What ``TaskLoop.train_task`` does before a stage's fit: stage setup, the stage's Trainer context, the
+    callbacks' hook, ``before_fit`` (no fit)."""
+    from conpet_lightning.contract import FitContext
+
     loop.method.setup_stage(task, stage)
-    if hasattr(loop, "stage_checkpoints"):
-        trainer = loop.make_trainer(task, stage, loop.stage_checkpoints(task, stage))
-        loop.ctx.fit = loop.fit_context(trainer, stage)
+    trainer = loop.make_trainer(task, stage, loop.stage_checkpoints(task, stage))
+    loop.ctx.fit = FitContext(trainer.strategy.root_device, trainer.precision_plugin)
     for cb in loop.callbacks:
-        cb.on_stage_start(hook_target(loop), task, stage)
-    if hasattr(loop.method, "before_fit") and hasattr(loop, "ctx"):
-        loop.method.before_fit(task, stage, loop.ctx.fit, loop.datamodule)
-
-
-def fit_stage(loop: Any, task: int, stage: Any) -> dict[str, Any]:
-    """What the loop does to fit a begun stage: its checkpoints, a fresh Trainer, the fit, restore, saved weights."""
-    if not hasattr(loop, "stage_checkpoints"):
-        return loop.fit_stage(task, stage)
-    checkpoints = loop.stage_checkpoints(task, stage)
-    trainer = loop.make_trainer(task, stage, checkpoints)
-    loop.ctx.fit = loop.fit_context(trainer, stage)
+        cb.on_stage_start(loop.ctx, task, stage)
+    loop.ctx.fit.epochs = loop.plan_epochs(stage) if hasattr(loop, "plan_epochs") else max(stage.epochs, 1)
     loop.method.before_fit(task, stage, loop.ctx.fit, loop.datamodule)
-    return loop.fit_stage(task, stage, trainer, checkpoints)
+
+
+def unfreeze_first_expert(method: Any) -> None:
+    """Undo ``end_task(0)`` of Dynamic ConPET, so that task 1 can be trained again from its start (bench only)."""
+    method.encoder._frozen.discard("expert0")
+    method.frozen_experts.discard(0)
+    method.expert_cache.clear()
 
 
 class GoldRouter:
