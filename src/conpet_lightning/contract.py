@@ -184,6 +184,33 @@ class Routable(Protocol):
 
 
 @runtime_checkable
+class ExpertAccess(Protocol):
+    """What a router that scores tasks itself may ask of a method with per-task experts (all frozen, no gradient).
+
+    Routers other than the learned selector (prototypes, expert confidence, re-ranking) fit statistics on these
+    features and logits at each task's end and score test samples with them.
+    """
+
+    def seen_task_count(self) -> int:
+        """Tasks whose experts exist."""
+
+    def task_class_ids(self, task: int) -> list[int]:
+        """Global class ids of a task, in the column order of its expert's logits."""
+
+    def backbone_features(self, batch: Batch) -> torch.Tensor:
+        """Features ``[B, d]`` of the frozen backbone without adapters."""
+
+    def selector_features(self, batch: Batch) -> torch.Tensor:
+        """Features ``[B, d]`` under the frozen selector."""
+
+    def expert_features(self, batch: Batch, task: int) -> torch.Tensor:
+        """Features ``[B, d]`` under task ``task``'s frozen expert."""
+
+    def expert_logits(self, batch: Batch, task: int) -> torch.Tensor:
+        """Task ``task``'s frozen expert's logits ``[B, classes of task]``."""
+
+
+@runtime_checkable
 class MemoryView(Protocol):
     """What a method may read of an episodic memory."""
 
@@ -251,6 +278,7 @@ class TaskRecorder(Protocol):
 #: Capability names an options dataclass may declare, and the Protocol each stands for.
 CAPABILITIES: Mapping[str, type] = {
     "routing": Routable,
+    "expert_access": ExpertAccess,
     "memory_features": MemoryFeatureSource,
     "memory_user": MemoryUser,
     "stage_data": StageDataSource,

@@ -39,7 +39,8 @@ class DynamicConPETConfig:
     selector: bool = True
     """False = no selector: every sample goes through every expert (the 'w/o selector' ablation)."""
     selector_init: str = "from_prev_expert"
-    """from_prev_expert (LLaMA-faithful) | from_prev_selector (BERT-faithful) | fresh."""
+    """from_prev_expert (from expert k-1 at every task, the selector of task 2 included) | conpet_llama (ConPET's
+    LLaMA path: fresh at task 2, from expert k-1 afterwards) | from_prev_selector (BERT-faithful) | fresh."""
     expert_init: str = "from_selector"
     """from_selector (LLaMA-faithful: expert k starts from the best selector-k LoRA) | fresh."""
     selector_epochs: int | None = None
@@ -70,7 +71,7 @@ class DynamicConPETConfig:
         return self.selector
 
 
-INIT_SELECTOR = ("from_prev_expert", "from_prev_selector", "fresh")
+INIT_SELECTOR = ("from_prev_expert", "conpet_llama", "from_prev_selector", "fresh")
 INIT_EXPERT = ("from_selector", "fresh")
 
 
@@ -145,10 +146,10 @@ class DynamicConPET(ContinualMethod):
 
     def _grow_selector(self, task: int) -> None:
         init = self.options.selector_init
-        if "selector" not in self.encoder.adapters:
+        if "selector" not in self.encoder.adapters:  # task 2: ConPET's LLaMA path starts the selector fresh
             source = expert_name(task - 1) if init == "from_prev_expert" else None
             self.encoder.add_adapter("selector", init_from=source)
-        elif init == "from_prev_expert":
+        elif init in ("from_prev_expert", "conpet_llama"):
             self.encoder.load_adapter_state("selector", self.encoder.adapter_state(expert_name(task - 1)))
         elif init == "fresh":  # a newly initialised LoRA (peft's init) in place of last task's selector
             fresh = f"selector_init{task}"
@@ -272,14 +273,43 @@ class DynamicConPET(ContinualMethod):
         return torch.arange(self.task + 1, device=self.device).expand(batch_size, -1)
 
     def route_of(self, batch: dict[str, Any], train: bool = False) -> torch.Tensor:
-        """The batch's routing [B, topk]: from the attached router, or all experts without a selector."""
+        """The batch's routing [B, topk]: from the attached router (with or without a selector), else all experts."""
         if self.task == 0:
             return torch.zeros((len(batch["keys"]), 1), dtype=torch.long, device=self.device)
-        if self.options.selector:
-            if self.router is None:
-                raise RuntimeError("method.selector is on but no router is attached (see check_pairing)")
+        if self.router is not None:
             return self.router.route(self, batch, train=train)
+        if self.options.selector:
+            raise RuntimeError("method.selector is on but no router is attached (see check_pairing)")
         return self.all_experts_route(len(batch["keys"]))
+
+    # ----------------------------------------------------------------------------- expert access (routers)
+    def seen_task_count(self) -> int:
+        """Tasks whose experts exist (``contract.ExpertAccess``)."""
+        return self.task + 1
+
+    def task_class_ids(self, task: int) -> list[int]:
+        """Global class ids of a task, in the column order of its expert head (``contract.ExpertAccess``)."""
+        return list(self.task_classes[task])
+
+    def backbone_features(self, batch: Batch) -> torch.Tensor:
+        """Mask hidden state of the frozen backbone without any adapter ``[B, H]`` (``contract.ExpertAccess``)."""
+        with torch.no_grad(), eval_mode(self.encoder), self.encoder.model.disable_adapter():
+            return self.represent(batch).float()
+
+    def selector_features(self, batch: Batch) -> torch.Tensor:
+        """Mask hidden state under the selector's LoRA ``[B, H]``, frozen (``contract.ExpertAccess``)."""
+        with torch.no_grad(), eval_mode(self.encoder):
+            return self.represent(batch, adapter_names=["selector"] * len(batch["keys"])).float()
+
+    def expert_features(self, batch: Batch, task: int) -> torch.Tensor:
+        """Mask hidden state under expert ``task``'s LoRA ``[B, H]``, frozen (``contract.ExpertAccess``)."""
+        with torch.no_grad(), eval_mode(self.encoder):
+            return self.represent(batch, adapter_names=[expert_name(task)] * len(batch["keys"])).float()
+
+    def expert_logits(self, batch: Batch, task: int) -> torch.Tensor:
+        """Expert ``task``'s head outputs ``[B, classes of task]``, frozen and cached (``contract.ExpertAccess``)."""
+        rows = torch.arange(len(batch["keys"]), device=self.device)
+        return self.frozen_expert_logits(batch, rows, task)
 
     # ---------------------------------------------------------------------------------------------- Lightning
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
