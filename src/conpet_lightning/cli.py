@@ -205,6 +205,17 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_eval(args: argparse.Namespace) -> int:
+    """Test a run's trained experts again with another router or inference option, without training."""
+    from conpet_lightning.evaluate import EVALS, eval_name, evaluate_run
+
+    name = args.name or eval_name(args.overrides)
+    out = evaluate_run(args.run_dir, args.overrides, name=name)
+    acc = out["summary"].get("acc_macro", float("nan"))
+    print(f"[conpet] eval {name}: acc_macro={acc:.2f} -> {Path(args.run_dir) / EVALS / name}", flush=True)
+    return 0
+
+
 def _cmd_sweep(args: argparse.Namespace) -> int:
     """Run, dry-run or export a sweep; exit 1 when a point failed (the index says which)."""
     from conpet_lightning.sweep import emit, lane_threads, load_sweep, run_sweep
@@ -257,6 +268,13 @@ def build_parser() -> argparse.ArgumentParser:
     stats.add_argument("--local-path", default=None)
     stats.add_argument("--conpet-dataset", default=None)
     stats.set_defaults(func=_cmd_stats)
+    ev = sub.add_parser("eval", help="test a finished run again with another router, without training")
+    ev.add_argument("run_dir")
+    ev.add_argument(
+        "overrides", nargs="*", help="callbacks.routing=<preset>, callbacks.routing.<option>, eval.*, logging.*"
+    )
+    ev.add_argument("--name", default=None, help="folder under RUN_DIR/evals/ (default: from the overrides)")
+    ev.set_defaults(func=_cmd_eval)
     rep = sub.add_parser("report", help="recompute summaries and figures of run folders and compare them")
     rep.add_argument("run_dirs", nargs="+", help="run folders, globs, or a sweep folder / its index.json")
     rep.add_argument("--json", action="store_true")
