@@ -49,6 +49,10 @@ resume: $(STAMP) ## continue a killed run after its last finished task: make res
 	@test -n "$(RUN)" || { echo "usage: make resume RUN=runs/<experiment>/<run-id>"; exit 2; }
 	$(BIN)/conpet resume $(RUN)
 
+eval: $(STAMP) ## re-test a run's trained experts with another router: make eval RUN=runs/<exp>/<run-id> ARGS="callbacks.routing=prototype"
+	@test -n "$(RUN)" || { echo "usage: make eval RUN=runs/<experiment>/<run-id> [ARGS=\"callbacks.routing=<preset> ...\"]"; exit 2; }
+	$(BIN)/conpet eval $(RUN) $(ARGS)
+
 sweep: $(STAMP) ## run a resumable sweep: make sweep SWEEP=sweeps/<file>.yaml [LANES=N] (reruns skip finished points)
 	@test -n "$(SWEEP)" || { echo "usage: make sweep SWEEP=sweeps/<file>.yaml [LANES=N]"; exit 2; }
 	$(BIN)/conpet sweep $(SWEEP) --lanes $(or $(LANES),1)
