@@ -59,3 +59,16 @@ def test_eval_name_and_selector_override():
     assert eval_name(["callbacks.routing.preset=energy", "callbacks.routing.kind=max_logit"]) == (
         "routing=energy,kind=max_logit"
     )
+
+
+def test_report_shows_evals_beside_their_run(finished_run):
+    from conpet_lightning.reporting.report import report
+
+    run_dir, metrics = finished_run
+    assert main(["eval", str(run_dir), "callbacks.routing=energy", "--name", "energy"]) == 0
+    table = report([run_dir])
+    header = table.splitlines()[0]
+    assert "eval:energy" in header and header.index("dynamic_conpet (run)") < header.index("eval:energy")
+    assert "routing_task_id_acc_macro" in table
+    out = json.loads((run_dir / "evals" / "energy" / "metrics.json").read_text())
+    assert out["summary"]["routing_task_id_acc_macro"] == out["per_task"][-1]["selector"]["acc_macro"]

@@ -130,14 +130,20 @@ def evaluate_run(run_dir: str | Path, overrides: list[str] | None = None, name: 
         print(f"[conpet] eval {name}: task {task + 1}/{done}: acc_macro={record['test']['macro']:.2f}", flush=True)
     n_test = [int(len(loop.datamodule.indices("test", t))) for t in range(done)]
     square = [row[:done] for row in ctx.R]
+    summary = summarize(square, n_test)
+    panel = ctx.per_task[-1].get("selector") or {}
+    summary["routing_task_id_acc_macro"] = panel.get("acc_macro")  # the last test's, over all seen tasks
     out = {
         "eval": name,
         "run_id": run_dir.name,
         "experiment": cfg.experiment,
+        "benchmark": source.get("benchmark"),
+        "seed": source.get("seed"),
         "overrides": overrides,
         "router": dict(cfg.callbacks.get("routing") or {}),
+        "tasks": source.get("tasks", [])[:done],
         "accuracy_matrix": square,
-        "summary": summarize(square, n_test),
+        "summary": summary,
         "run_summary": source.get("summary", {}),
         "per_task": ctx.per_task,
     }

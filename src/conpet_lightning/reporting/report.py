@@ -137,6 +137,18 @@ def markdown_table(runs: Sequence[Mapping[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def with_evals(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each run followed by its ``conpet eval`` results (``<run>/evals/<name>/metrics.json``), labelled as evals."""
+    out: list[dict[str, Any]] = []
+    for run in runs:
+        out.append(run)
+        for path in sorted(Path(run["_path"]).parent.glob("evals/*/metrics.json")):
+            ev = load_run(path)
+            ev["experiment"] = f"{ev.get('experiment') or run.get('experiment')} eval:{path.parent.name}"
+            out.append(ev)
+    return out
+
+
 def report(run_dirs: Sequence[str | Path], as_json: bool = False) -> str:
     """Compare runs: a markdown table (plus notes on stale stored summaries), or JSON with the same numbers.
 
@@ -144,7 +156,7 @@ def report(run_dirs: Sequence[str | Path], as_json: bool = False) -> str:
         run_dirs: Run directories (or their ``metrics.json`` files).
         as_json: Return a JSON list of ``{experiment, run_id, benchmark, seed, path, summary, mismatches}``.
     """
-    runs = [load_run(d) for d in run_dirs]
+    runs = with_evals([load_run(d) for d in run_dirs])
     if not runs:
         raise ValueError("report needs at least one run directory")
     rows = []
