@@ -11,7 +11,7 @@ export TOKENIZERS_PARALLELISM := false
 export WANDB_MODE ?= offline
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-slow lint format run resume bench bench-gpu clean sweep results
+.PHONY: help install test test-slow test-gpu lint format run resume bench bench-gpu clean sweep results
 
 help: ## list the commands
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-10s %s\n", $$1, $$2}'
@@ -33,6 +33,9 @@ test: $(STAMP) ## run the test suite (CPU, no slow tests)
 
 test-slow: $(STAMP) ## run the slow tests too (DDP on 2 CPU processes, longer runs)
 	$(BIN)/python -m pytest
+
+test-gpu: $(STAMP) ## run the gpu-marked tests (mixed precision, two-GPU NCCL DDP); they skip without CUDA
+	$(BIN)/python -m pytest -m gpu
 
 lint: $(STAMP) ## ruff lint and format check
 	$(BIN)/ruff check src tests bench

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 from conpet_lightning.config import RunConfig, load_config
@@ -30,3 +33,21 @@ def tiny_loop(experiment: str, tmp_path: Path, *overrides: str, num_tasks: int =
     """A TaskLoop over a tiny config, writing into tmp_path."""
     cfg = tiny_config(experiment, tmp_path, *overrides, num_tasks=num_tasks)
     return TaskLoop(cfg, tmp_path / cfg.experiment / "run")
+
+
+def run_world(driver_text: str, folder: Path, world: int, timeout: int = 900) -> None:
+    """Run a DDP driver script (``driver.py REPO OUT WORLD``) as its own process tree: ``world`` gloo ranks on CPU."""
+    driver = folder.parent / "driver.py"
+    driver.write_text(driver_text)
+    folder.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("LOCAL_RANK", None)
+    repo = Path(__file__).resolve().parents[1]
+    proc = subprocess.run(
+        [sys.executable, str(driver), str(repo), str(folder), str(world)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]

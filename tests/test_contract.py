@@ -125,5 +125,5 @@ def test_config_command_prints_every_option_with_its_doc(capsys):
     assert main(["config", "dynamic_conpet", "callbacks.routing.topk=2"]) == 0
     out = capsys.readouterr().out
     assert "topk: 2  # " in out and "(default: 1)" in out
-    assert "selector_init: 'from_prev_expert'  # from_prev_expert (LLaMA-faithful)" in out
+    assert "selector_init: 'from_prev_expert'  # from_prev_expert (from expert k-1 at every task" in out
     assert "batch_limit: 50  # Batches per epoch" in out

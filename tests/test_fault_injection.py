@@ -9,6 +9,12 @@ completed epoch. ``TaskLoop.resume`` then rebuilds everything from the folder in
 from __future__ import annotations
 
 import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +25,7 @@ from conpet_lightning import runfiles
 from conpet_lightning.callbacks.base import TaskCallback
 from conpet_lightning.loop import TaskLoop
 from conpet_lightning.runfiles import DiskFullError
-from tests.helpers import tiny_loop
+from tests.helpers import TINY, tiny_loop
 
 NUM_TASKS = 3
 EPOCHS = "train.epochs=2"
@@ -162,3 +168,25 @@ def test_a_full_disk_at_a_run_file_write_leaves_a_resumable_run(target, referenc
     run_dir = tmp_path / "naive" / "run"
     resumed = TaskLoop.resume(run_dir)
     _assert_same(resumed, references["naive"], resumed.run())
+
+
+@pytest.mark.slow
+def test_kill_9_during_a_real_run_then_resume_gives_the_uninterrupted_r(tmp_path):
+    """``conpet run`` killed by SIGKILL soon after its first task, then ``conpet resume``: the same R, bit for bit."""
+    args = [*TINY, "data.num_tasks=3", EPOCHS, "logging.wandb=false"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def conpet(*argv: str) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-m", "conpet_lightning.cli", *argv], env=env)
+
+    assert conpet("run", "dynamic_conpet", *args, f"output_dir={tmp_path / 'a'}", "run_id=ref").wait(900) == 0
+    victim = conpet("run", "dynamic_conpet", *args, f"output_dir={tmp_path / 'b'}", "run_id=killed")
+    metrics = tmp_path / "b" / "dynamic_conpet" / "killed" / "metrics.json"
+    deadline = time.time() + 900
+    while not metrics.is_file() and victim.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait(60)
+    assert conpet("resume", str(metrics.parent)).wait(900) == 0
+    ref = json.loads((tmp_path / "a" / "dynamic_conpet" / "ref" / "metrics.json").read_text())
+    assert json.loads(metrics.read_text())["accuracy_matrix"] == ref["accuracy_matrix"]

@@ -13,12 +13,8 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 from collections import Counter, defaultdict
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -36,7 +32,7 @@ from conpet_lightning.passes import encode_records, eval_mode
 from conpet_lightning.policies import DynamicReplayPolicy
 from conpet_lightning.policies.memory import select_exemplars
 from conpet_lightning.policies.sampling import decimal_ceil, decimal_floor
-from tests.helpers import tiny_loop
+from tests.helpers import run_world, tiny_loop
 
 STATIC = ["emr", "emr_star", "eaemr", "eaemr_star", "crl", "crl_star", "ewc", "lwf"]
 
@@ -586,23 +582,10 @@ if torch.distributed.is_initialized():
 def ddp_runs(tmp_path_factory):
     """emr_star on 2 CPU processes (gloo) and on 1, each as its own script: {world size: [per-rank dumps]}."""
     root = tmp_path_factory.mktemp("ddp")
-    driver = root / "driver.py"
-    driver.write_text(DDP_DRIVER)
-    repo = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    env.pop("LOCAL_RANK", None)
     out = {}
     for world in (2, 1):
         folder = root / f"ws{world}"
-        folder.mkdir()
-        proc = subprocess.run(
-            [sys.executable, str(driver), str(repo), str(folder), str(world)],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
-        assert proc.returncode == 0, proc.stderr[-3000:]
+        run_world(DDP_DRIVER, folder, world, timeout=600)
         out[world] = [json.loads((folder / f"rank{r}.json").read_text()) for r in range(world)]
         out[f"metrics{world}"] = (folder / "run" / "metrics.json").read_text()  # parsed by the tests
     return out

@@ -169,10 +169,9 @@ def _experiments_epilog() -> str:
 
 def _cmd_stats(args: argparse.Namespace) -> int:
     from conpet_lightning.data.benchmarks import load_benchmark
+    from conpet_lightning.paths import in_project
 
-    root = Path(args.root)
-    if not root.exists():
-        root = Path(__file__).resolve().parents[2] / args.root
+    root = in_project(args.root)
     bench = load_benchmark(
         args.benchmark, root=root, seed=args.seed, local_path=args.local_path, conpet_dataset=args.conpet_dataset
     )

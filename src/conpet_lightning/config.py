@@ -14,6 +14,8 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from conpet_lightning.paths import PROJECT_ROOT
+
 
 class ConfigError(ValueError):
     """A configuration problem: unknown key, wrong type, missing file, bad value."""
@@ -74,6 +76,9 @@ class DataConfig:
     """Drop training examples whose template part has more than this many words (ConPET); None = keep all."""
     eval_batch_size: int = 32
     num_workers: int = 0
+    valid_scope: str = "auto"
+    """Validation data for best-epoch selection: ``current`` task, all ``seen`` tasks, or ``auto``: the data the
+    learner holds (the current task for replay-free methods, every seen task when a replay callback keeps them)."""
 
 
 @dataclass
@@ -95,6 +100,9 @@ class ModelConfig:
     """minilm | smollm2 | tiny-bert | tiny-llama, or a local HF folder through ``path``."""
     path: str | None = None
     dtype: str = "float32"
+    dropout: float | None = None
+    """Every dropout probability of the backbone (None: the checkpoint's; 0 makes training a deterministic function
+    of the batches, e.g. to compare DDP with one process)."""
     lora: LoraSettings = field(default_factory=LoraSettings)
 
 
@@ -107,6 +115,9 @@ class TrainConfig:
     """Equal budgets: every task trains exactly this many optimizer steps, split over its stages (in proportion to
     their epochs, or by the method's stated shares), validated as often as it has epochs. None: ConPET's own
     ratios, each stage runs its epochs over its data plan."""
+    zero_shot_validation: bool = False
+    """Validate each stage before it trains too, and keep the untrained weights when they score best (ConPET's
+    step-0 candidate, True in its code); False: the best of the trained epochs."""
     batch_size: int = 8
     """Global training batch size; each DDP rank gets batch_size / world_size."""
     lr: float = 2e-3
@@ -173,7 +184,8 @@ class RunConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
+#: Accepted values of ``data.valid_scope``.
+VALID_SCOPES = ("auto", "current", "seen")
 #: Accepted values of ``logging.wandb_mode`` (``wandb.init``'s ``mode``).
 WANDB_MODES = ("offline", "online", "disabled")
 
@@ -383,6 +395,8 @@ def validate(raw: DictConfig | dict[str, Any]) -> RunConfig:
         key = getattr(err, "full_key", None) or getattr(err, "key", None)
         raise ConfigError(f"invalid config key '{key}': {_one_line(err)}") from err
     cfg: RunConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    if cfg.data.valid_scope not in VALID_SCOPES:
+        raise ConfigError(f"data.valid_scope={cfg.data.valid_scope!r} is not allowed: one of {', '.join(VALID_SCOPES)}")
     if cfg.train.steps_per_task is not None and cfg.train.steps_per_task < 1:
         raise ConfigError(f"train.steps_per_task={cfg.train.steps_per_task} is not allowed: an integer >= 1 or null")
     if cfg.train.batch_size <= 0 or cfg.train.epochs < 0:

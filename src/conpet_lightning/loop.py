@@ -30,7 +30,7 @@ from conpet_lightning.callbacks.continual_eval import ContinualEvalCallback
 from conpet_lightning.callbacks.continual_metrics import ContinualMetricsCallback
 from conpet_lightning.callbacks.dashboard import DashboardCallback
 from conpet_lightning.callbacks.progress import TaskProgressBar
-from conpet_lightning.config import PROJECT_ROOT, ConfigError, RunConfig, to_yaml, validate
+from conpet_lightning.config import ConfigError, RunConfig, to_yaml, validate
 from conpet_lightning.contract import FitContext, RunContext, StageSpec, split_steps, stream_seed
 from conpet_lightning.data.benchmarks import check_num_tasks, load_benchmark, resolve_task_order
 from conpet_lightning.data.datamodule import ContinualDataModule
@@ -38,6 +38,7 @@ from conpet_lightning.data.records import Benchmark
 from conpet_lightning.methods.base import ContinualMethod
 from conpet_lightning.metrics import summarize
 from conpet_lightning.models.backbone import load_backbone
+from conpet_lightning.paths import in_project
 from conpet_lightning.registry import CALLBACKS, METHODS
 from conpet_lightning.reporting.wandb_logger import RunWandbLogger, build_wandb_logger
 from conpet_lightning.run_folder import CONFIG, RunFolder, is_rank_zero
@@ -50,9 +51,7 @@ def build_benchmark(cfg: RunConfig) -> tuple[Benchmark, list[int]]:
     The order lists indices into the benchmark's own sequence (``data.task_order``), for metrics.json.
     """
     d = cfg.data
-    root = Path(d.root)
-    if not root.is_absolute() and not root.exists():
-        root = PROJECT_ROOT / root
+    root = in_project(d.root)
     bench = load_benchmark(
         d.benchmark, root=root, seed=d.split_seed, local_path=d.local_path, conpet_dataset=d.conpet_dataset
     )
@@ -137,7 +136,9 @@ class TaskLoop:
         L.seed_everything(cfg.seed, workers=True, verbose=False)
         self.reference = load_reference(cfg.eval.reference_run)
         self.benchmark, self.task_order = build_benchmark(cfg)
-        self.backbone = load_backbone(cfg.model.backbone, path=cfg.model.path, dtype=cfg.model.dtype)
+        self.backbone = load_backbone(
+            cfg.model.backbone, path=cfg.model.path, dtype=cfg.model.dtype, dropout=cfg.model.dropout
+        )
         self.datamodule = ContinualDataModule(
             self.benchmark,
             self.backbone.tokenizer,
@@ -166,6 +167,10 @@ class TaskLoop:
             for proto in cb.requires:
                 if not isinstance(self.method, proto):
                     raise RuntimeError(f"{type(cb).__name__} needs {proto.__name__}; {method_cls.__name__} lacks it")
+        replay = any("replay" in cb.provides for cb in self.callbacks)
+        self.valid_scope = cfg.data.valid_scope
+        if self.valid_scope == "auto":  # a replay-free learner selects epochs on the data it holds
+            self.valid_scope = "seen" if replay or self.method.train_scope == "seen" else "current"
         self.ctx = RunContext(
             cfg=cfg,
             benchmark=self.benchmark,
@@ -233,6 +238,7 @@ class TaskLoop:
             num_sanity_val_steps=0,
             use_distributed_sampler=False,  # the datamodule shards one global plan itself
             deterministic=t.deterministic,
+            inference_mode=False,  # caches filled in evaluation are reused in training: no inference tensors
             default_root_dir=str(self.run_dir),
             log_every_n_steps=10,
         )
@@ -261,6 +267,8 @@ class TaskLoop:
         params = self.method.parameter_report()
         last = self.folder.stage_last(task, stage.name)
         start = time.perf_counter()
+        zero_shot = self.zero_shot_score(trainer, stage)
+        before = self.method.trainable_state() if zero_shot is not None else None
         trainer.fit(self.method, datamodule=self.datamodule, ckpt_path=str(last) if last.is_file() else None)
         seconds = time.perf_counter() - start
         budget = self.method.budget
@@ -272,10 +280,13 @@ class TaskLoop:
         spent = dict(zip(budget.__dataclass_fields__, (int(c) for c in counts), strict=True))
         if best.best_model_path:
             self.method.restore_trainable(best.best_model_path)
+        score = best.best_model_score
+        kept_step0 = zero_shot is not None and (score is None or zero_shot >= float(score))  # ConPET: ties too
+        if kept_step0 and before is not None:  # ConPET's step-0 candidate won: the stage keeps its start
+            self.method.load_state_dict(before, strict=False)
         self.folder.save_stage_weights(task, stage.name, self.method.trainable_state())
         if is_rank_zero():
             last.unlink(missing_ok=True)  # final.pt marks the stage done
-        score = best.best_model_score
         return {
             "seconds": round(seconds, 3),
             "steps": int(trainer.global_step),
@@ -287,7 +298,16 @@ class TaskLoop:
             "trainable_parameters": params["trainable"],
             "total_parameters": params["total"],
             "budget": {**spent, "fit_seconds": round(seconds, 3)},
+            **({"zero_shot_score": round(zero_shot, 4), "kept_step0": kept_step0} if zero_shot is not None else {}),
         }
+
+    def zero_shot_score(self, trainer: L.Trainer, stage: StageSpec) -> float | None:
+        """The stage's validation score before it trains (``train.zero_shot_validation``), else None."""
+        if not self.cfg.train.zero_shot_validation or stage.monitor is None:
+            return None
+        results = trainer.validate(self.method, datamodule=self.datamodule, verbose=False)
+        value = results[0].get(stage.monitor) if results else None
+        return None if value is None else float(value)
 
     def stage_checkpoints(self, task: int, stage: StageSpec) -> list[ModelCheckpoint]:
         """The best epoch (by ``stage.monitor``; the last one without) and the last completed epoch (to resume)."""
@@ -352,6 +372,8 @@ class TaskLoop:
         """
         L.seed_everything(stream_seed(self.cfg.seed, task, "task"), workers=True, verbose=False)
         self.datamodule.set_task(task, self.method.train_scope)
+        if self.valid_scope == "current":  # replay callbacks, where present, install their own validation plans
+            self.datamodule.set_valid_plan(self.datamodule.plan_of(self.datamodule.indices("valid", task)))
         self.method.setup_task(task)
         for cb in self.callbacks:
             cb.on_task_start(self.ctx, task)
@@ -421,6 +443,7 @@ class TaskLoop:
             "benchmark": self.benchmark.name,
             "seed": self.cfg.seed,
             "task_order": self.task_order,
+            "valid_scope": self.valid_scope,
             "tasks": [{"classes": c, "n_test": n} for c, n in zip(self.benchmark.tasks, n_test, strict=True)],
             "accuracy_matrix": square,
             "summary": summary,

@@ -86,6 +86,7 @@ class EpisodicMemoryCallback(TaskCallback):
     """Per-class exemplar memory of every finished task, and the policy-0 plan that replays it."""
 
     options_cls = EpisodicMemoryOptions
+    provides: ClassVar[tuple[str, ...]] = ("replay",)
     requires: ClassVar[tuple[type, ...]] = (MemoryFeatureSource, MemoryUser, StageDataSource)
 
     def __init__(self, options: EpisodicMemoryOptions | None = None) -> None:

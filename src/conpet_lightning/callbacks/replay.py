@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
 from conpet_lightning.callbacks.base import TaskCallback
 from conpet_lightning.config import require_choice, require_range
-from conpet_lightning.contract import RunContext
+from conpet_lightning.contract import RunContext, StageSpec, stream_seed
 from conpet_lightning.policies.sampling import DynamicReplayPolicy, replay_composition
 from conpet_lightning.registry import CALLBACKS
 
@@ -27,6 +27,9 @@ class DynamicReplayOptions:
     new_old_ratio: float = 1.0
     resample_every_epoch: bool = True
     """False = ConPET's cache mode (EMR*, EA-EMR*): one sequence of all epochs drawn per task and replayed."""
+    redraw_per_stage: bool = False
+    """Each stage of a task draws its own batches (ConPET: the loader resamples for the selector and the expert
+    stage); False: every stage of a task sees the same plan."""
     valid_batch_size: int | None = None
     """Validation batch size of the mixed plan (default: data.eval_batch_size; ConPET: 32)."""
 
@@ -46,10 +49,23 @@ class DynamicReplayCallback(TaskCallback):
     """
 
     options_cls = DynamicReplayOptions
+    provides: ClassVar[tuple[str, ...]] = ("replay",)
 
     def __init__(self, options: DynamicReplayOptions | None = None) -> None:
         self.options = options or DynamicReplayOptions()
         self.records: dict[int, dict[str, Any]] = {}
+
+    def policy(self, seed: int) -> DynamicReplayPolicy:
+        """The Trainer-free sampling policy of these options, rooted at ``seed``."""
+        o = self.options
+        return DynamicReplayPolicy(
+            policy=o.policy,
+            batch_limit=o.batch_limit,
+            train_fraction=o.train_fraction,
+            new_old_ratio=o.new_old_ratio,
+            resample_every_epoch=o.resample_every_epoch,
+            seed=seed,
+        )
 
     def pools(self, ctx: RunContext, part: str, task: int) -> list[np.ndarray]:
         """The stored pool: every seen task's records of ``part`` (the full history, not a memory)."""
@@ -58,14 +74,7 @@ class DynamicReplayCallback(TaskCallback):
     def on_task_start(self, ctx: RunContext, task: int) -> None:
         """Install the task's training plan and fixed validation plan."""
         o, dm = self.options, ctx.datamodule
-        policy = DynamicReplayPolicy(
-            policy=o.policy,
-            batch_limit=o.batch_limit,
-            train_fraction=o.train_fraction,
-            new_old_ratio=o.new_old_ratio,
-            resample_every_epoch=o.resample_every_epoch,
-            seed=ctx.seed,
-        )
+        policy = self.policy(ctx.seed)
         train_pools, valid_pools = self.pools(ctx, "train", task), self.pools(ctx, "valid", task)
         batch_size = dm.batch_size
         dm.set_train_plan(
@@ -87,6 +96,18 @@ class DynamicReplayCallback(TaskCallback):
                 "valid_samples": int(sum(len(b) for b in dm.valid_plan())),
             }
         }
+
+    def on_stage_start(self, ctx: RunContext, task: int, stage: StageSpec) -> None:
+        """With ``redraw_per_stage``, a training plan of the stage's own draws (the validation plan stays fixed)."""
+        if not self.options.redraw_per_stage:
+            return
+        o, dm = self.options, ctx.datamodule
+        policy = self.policy(stream_seed(ctx.seed, task, stage.name))
+        pools, batch_size = self.pools(ctx, "train", task), dm.batch_size
+        dm.set_train_plan(
+            lambda epoch: policy.train_plan(task, pools, batch_size, epoch),
+            f"dynamic replay (policy {o.policy}, limit {o.batch_limit}, ratio {o.new_old_ratio}, drawn per stage)",
+        )
 
     def task_record(self, task: int) -> dict[str, Any]:
         """Replay composition of the task (first epoch) for metrics.json."""

@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from conpet_lightning.paths import in_project
 from conpet_lightning.config import ConfigError, check_task_order_spec
 from conpet_lightning.data.readers.conpet_json import TASK_TYPES, load_conpet_json
 from conpet_lightning.data.readers.fewnerd import load_fewnerd
@@ -25,20 +26,9 @@ BENCHMARKS: dict[str, Callable[..., Benchmark]] = {
     "conpet_json": load_conpet_json,
 }
 
-#: The repository's shipped data folder (``<repo>/data``), used when a relative root is not found from the cwd.
-REPO_DATA = Path(__file__).resolve().parents[3] / "data"
-
-
 def resolve_root(root: str | Path) -> Path:
-    """The data folder to read: `root` as given if it exists, else a relative `root` under the repository root.
-
-    This lets the default ``"data"`` work from any working directory of a source checkout.
-    """
-    path = Path(root)
-    if path.is_dir() or path.is_absolute():
-        return path
-    fallback = REPO_DATA.parent / path
-    return fallback if fallback.is_dir() else path
+    """The data folder to read: ``root`` as given if it exists, else under the project root (``paths.in_project``)."""
+    return in_project(root)
 
 
 def load_benchmark(

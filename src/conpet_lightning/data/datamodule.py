@@ -171,6 +171,10 @@ class ContinualDataModule(L.LightningDataModule):
             return self._valid_plan
         return self._sequential(self.seen_indices("valid"))
 
+    def plan_of(self, indices: np.ndarray) -> Plan:
+        """Evaluation batches over the given flat indices, in order (``eval_batch_size`` each)."""
+        return self._sequential(indices)
+
     def _sequential(self, indices: np.ndarray) -> Plan:
         size = self.eval_batch_size
         return [indices[i : i + size].tolist() for i in range(0, len(indices), size)]

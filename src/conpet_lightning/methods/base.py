@@ -130,9 +130,13 @@ class ContinualMethod(L.LightningModule, ABC):
         self.budget.samples_frozen_only += frozen
         self.budget.tokens += int(batch["attention_mask"].sum())
 
-    def on_train_epoch_start(self) -> None:
-        """Every epoch draws from its own random stream, so a run resumed at an epoch boundary continues exactly."""
-        L.seed_everything(stream_seed(self.cfg.seed, self.task, self.stage, self.current_epoch), verbose=False)
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        """Every optimizer step draws from its own random stream (dropout, sampled contrast sets).
+
+        The stream depends on (seed, task, stage, step) only, not on what Lightning or a data loader drew before, so
+        a stage resumed from its checkpoint continues exactly as the uninterrupted run did.
+        """
+        torch.manual_seed(stream_seed(self.cfg.seed, self.task, self.stage, self.global_step))
 
     # ------------------------------------------------------------------------------ capabilities (``contract``)
     def stage_data(self, task: int, stage: StageSpec) -> StageData:

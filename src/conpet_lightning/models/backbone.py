@@ -23,6 +23,7 @@ from transformers import AutoModel, AutoTokenizer, BertConfig, LlamaConfig
 
 from conpet_lightning.config import ConfigError
 from conpet_lightning.data.markers import MarkerMap, markers_for
+from conpet_lightning.paths import PROJECT_ROOT, is_checkout
 
 BACKBONES: tuple[str, ...] = ("minilm", "smollm2", "tiny-bert", "tiny-llama")
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -53,8 +54,26 @@ class LoadedBackbone:
         return replace(self, model=copy.deepcopy(self.model))
 
 
+def set_dropout(model: torch.nn.Module, p: float) -> None:
+    """Every dropout of the backbone to ``p`` (``model.dropout``): ``nn.Dropout`` layers and attention probabilities.
+
+    With ``p = 0`` training is a deterministic function of the batches, which makes DDP comparable with one process.
+    """
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = p
+        for attr in ("dropout_prob", "attention_dropout"):  # attention dropout kept as a float by HF attention
+            if isinstance(getattr(module, attr, None), float):
+                setattr(module, attr, p)
+
+
 def load_backbone(
-    name: str, *, path: str | None = None, dtype: str = "float32", cache_dir: str | Path | None = None
+    name: str,
+    *,
+    path: str | None = None,
+    dtype: str = "float32",
+    cache_dir: str | Path | None = None,
+    dropout: float | None = None,
 ) -> LoadedBackbone:
     """Load a backbone by name, or any local HF folder through ``path`` (``name`` is then only a label).
 
@@ -63,6 +82,7 @@ def load_backbone(
         path: a local directory loadable by ``AutoModel``/``AutoTokenizer``; overrides ``name``.
         dtype: ``float32`` | ``bfloat16`` | ``float16``.
         cache_dir: where the SmolLM2 safetensors conversion lives (default: ``default_cache_dir()``).
+        dropout: every dropout probability of the backbone (None: the checkpoint's).
 
     Raises:
         ValueError: an unknown name or dtype, or an encoder-decoder model.
@@ -101,6 +121,8 @@ def load_backbone(
         tokenizer.pad_token = tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.unk_token
     for param in model.parameters():
         param.requires_grad_(False)
+    if dropout is not None:
+        set_dropout(model, dropout)
     model.eval()
     return LoadedBackbone(model=model, tokenizer=tokenizer, markers=markers, is_decoder=decoder, name=name)
 
@@ -166,12 +188,8 @@ def smollm2_gguf() -> Path:
 
 
 def _repo_root() -> Path | None:
-    """The project checkout (a folder with ``setup.cfg`` and ``src/conpet_lightning``), from this file or the cwd."""
-    for start in (Path(__file__).resolve(), Path.cwd().resolve()):
-        for folder in (start, *start.parents):
-            if (folder / "setup.cfg").is_file() and (folder / "src" / "conpet_lightning").is_dir():
-                return folder
-    return None
+    """The project checkout this package runs from (``paths.PROJECT_ROOT``), or None for an installed package."""
+    return PROJECT_ROOT if is_checkout(PROJECT_ROOT) else None
 
 
 def default_cache_dir() -> Path:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from conpet_lightning.paths import PROJECT_ROOT
 from conpet_lightning.reporting.aggregate import (
     Run,
     aggregate,
@@ -326,7 +327,7 @@ def claims(runs: Sequence[Run]) -> list[str]:
 
 def build_page(source: str | Path, repo: Path | None = None) -> str:
     """The whole results page as markdown."""
-    repo = repo or Path(__file__).resolve().parents[3]
+    repo = repo or PROJECT_ROOT
     runs, notes, name = sweep_runs(source)
     if not runs:
         raise FileNotFoundError(f"no finished run in {source}: run the sweep first (make sweep SWEEP=...)")

@@ -205,7 +205,7 @@ class EAEMRModule(EMRModule):
     def on_test_epoch_end(self) -> None:
         """Keep the pre-alignment result of this task's test."""
         result = self.pre_acc.compute()
-        per_task = result["per_task"].tolist()[: self.task + 1]
+        per_task = torch.atleast_1d(result["per_task"]).tolist()[: self.task + 1]  # torchmetrics squeezes one task
         self.records.setdefault(self.task, {})["pre_alignment"] = {
             "acc_macro": round(float(result["macro"]), 4),
             "acc_micro": round(float(result["micro"]), 4),
