@@ -127,3 +127,10 @@ def test_config_command_prints_every_option_with_its_doc(capsys):
     assert "topk: 2  # " in out and "(default: 1)" in out
     assert "selector_init: 'from_prev_expert'  # from_prev_expert (from expert k-1 at every task" in out
     assert "batch_limit: 50  # Batches per epoch" in out
+
+
+def test_one_override_swaps_a_callback_for_a_preset():
+    cfg = load_config("dynamic_conpet", ["callbacks.routing=prototype"])
+    assert cfg.callbacks["routing"]["name"] == "prototype_routing"
+    with pytest.raises(ConfigError, match="no such preset"):
+        load_config("dynamic_conpet", ["callbacks.routing=nope"])

@@ -215,13 +215,24 @@ def _experiment_chain(path: Path, seen: tuple[Path, ...] = ()) -> list[DictConfi
 
 
 def _expand_callback_presets(cfg: DictConfig, callbacks_dir: Path) -> None:
-    """Replace each ``callbacks.<slot>.preset`` by the preset file merged under the slot's own keys."""
+    """Replace each ``callbacks.<slot>.preset`` by the preset file merged under the slot's own keys.
+
+    A slot given as a bare name (``callbacks.routing=prototype``) is that preset with no overrides: one override
+    swaps a callback.
+    """
     if cfg.get("callbacks") is None:
         return
     for slot in list(cfg.callbacks.keys()):
         entry = cfg.callbacks[slot]
         if entry is None:
             del cfg.callbacks[slot]
+            continue
+        if isinstance(entry, str):
+            path = callbacks_dir / f"{entry}.yaml"
+            if not path.is_file():
+                presets = ", ".join(sorted(p.stem for p in callbacks_dir.glob("*.yaml")))
+                raise ConfigError(f"callbacks.{slot}={entry!r}: no such preset in {callbacks_dir}; presets: {presets}")
+            cfg.callbacks[slot] = _read_yaml(path)
             continue
         preset = entry.get("preset")
         if preset is None:
