@@ -27,8 +27,8 @@ from bench.common import built_loop, interleaved, median, paired_ratio, ratio_en
 TARGET_ROUTED = 0.5
 TARGET_CACHED = 0.9
 EXPERTS = 10
-REPEATS = {"small": 5, "tiny": 3}
-CAPS = {"small": ["data.max_test_per_class=8"], "tiny": []}
+REPEATS = {"small": 3, "tiny": 3}
+CAPS: dict[str, list[str]] = {"small": [], "tiny": []}
 
 
 def grow(loop: Any, tasks: int) -> None:

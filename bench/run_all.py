@@ -63,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown benchmark(s) {unknown}; known: {', '.join(BENCHMARKS)}")
     before = machine_conditions()
     start = time.perf_counter()
+    args.out.mkdir(parents=True, exist_ok=True)
+    out = args.out / f"{time.strftime('%Y%m%d-%H%M%S')}.json"
     entries: list[dict[str, Any]] = []
     errors: list[dict[str, str]] = []
     seconds: dict[str, float] = {}
@@ -75,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
             errors.append({"benchmark": name, "error": repr(err), "traceback": traceback.format_exc()})
             print(f"[bench] {name} FAILED: {err!r}", file=sys.stderr, flush=True)
         seconds[name] = round(time.perf_counter() - t, 1)
+        out.write_text(json.dumps({"conditions": {**before, "partial": True}, "ratios": entries, "errors": errors}))
     profile: dict[str, Any] | None = None
     if not args.no_profile:
         t = time.perf_counter()
@@ -100,8 +103,6 @@ def main(argv: list[str] | None = None) -> int:
         "total_seconds": round(time.perf_counter() - start, 1),
     }
     result = {"conditions": conditions, "ratios": entries, "profile": profile, "errors": errors}
-    args.out.mkdir(parents=True, exist_ok=True)
-    out = args.out / f"{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.write_text(json.dumps(result, indent=2))
     print()
     print(table(entries))
