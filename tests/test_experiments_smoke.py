@@ -19,7 +19,7 @@ def test_every_experiment_runs_two_tasks(experiment, tmp_path):
             assert stage["budget"]["steps"] == stage["steps"] > 0
 
 
-@pytest.mark.parametrize("experiment", ["dynamic_conpet", "limitless", "emr", "eaemr_star", "crl", "crl_star"])
+@pytest.mark.parametrize("experiment", experiment_names())
 def test_a_one_task_run_works(experiment, tmp_path):
     out = tiny_loop(experiment, tmp_path, num_tasks=1).run()
     assert len(out["accuracy_matrix"]) == 1 and out["accuracy_matrix"][0][0] is not None

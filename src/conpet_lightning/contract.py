@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from conpet_lightning.config import RunConfig
     from conpet_lightning.data.datamodule import ContinualDataModule
     from conpet_lightning.data.records import Benchmark
+    from conpet_lightning.methods.base import ContinualMethod
 
 #: A collated batch: ``input_ids``, ``attention_mask``, ``mask_pos``, ``labels``, ``task_ids``, ``index`` (tensors)
 #: and ``keys`` (sample keys, a list of strings). Nothing else travels in it.
@@ -125,8 +126,8 @@ class RunContext:
     cfg: RunConfig
     benchmark: Benchmark
     datamodule: ContinualDataModule
-    method: Any
-    """The run's ``ContinualMethod``; ask it for capabilities through the Protocols of this module."""
+    method: ContinualMethod
+    """The run's method; what only some methods can do is asked through the Protocols of this module."""
     run_dir: Path
     loggers: list[Any] = field(default_factory=list)
     R: list[list[float | None]] = field(default_factory=list)
