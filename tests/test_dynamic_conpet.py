@@ -210,3 +210,17 @@ def test_a_batch_of_replayed_samples_only_gives_zero_gradients_and_still_steps(t
     loop.run()
     assert check.loss is not None and torch.isfinite(check.loss) and check.loss > 0
     assert check.grads and all(torch.count_nonzero(g) == 0 for g in check.grads.values())
+
+
+def test_class_level_selector_scores_tasks_by_the_log_sum_exp_of_their_classes(tmp_path):
+    loop = tiny_loop("dynamic_conpet", tmp_path, "method.selector_target=class", num_tasks=3)
+    out = loop.run()
+    m = loop.method
+    assert m.selector_head.out_features == len(m.seen_classes)  # one row per seen class, not per task
+    batch = next(iter(loop.datamodule.test_dataloader()))
+    logits = m.selector_logits(batch)
+    scores = m.task_scores(batch)
+    assert scores.shape == (len(batch["keys"]), 3)
+    first = len(m.task_classes[0])
+    assert torch.allclose(scores[:, 0], torch.logsumexp(logits[:, :first], dim=-1))
+    assert out["per_task"][2]["selector"]["confusion"]

@@ -29,6 +29,7 @@ from conpet_lightning.metrics.task_accuracy import TaskAccuracy
 from conpet_lightning.models.backbone import LoadedBackbone
 from conpet_lightning.passes import eval_mode
 from conpet_lightning.registry import METHODS
+from conpet_lightning.routing.scores import class_level_task_scores
 
 
 @dataclass
@@ -49,6 +50,9 @@ class DynamicConPETConfig:
     """Under an equal budget (``train.steps_per_task``), the selector stage's share of a task's steps (the expert
     gets the rest); None: in proportion to the two stages' epochs."""
     selector_grad_clip: float = 1.0
+    selector_target: str = "task"
+    """task: ConPET's selector head, one logit per seen task | class: the head predicts over all seen classes and a
+    task's score is the log-sum-exp over its classes (a class-level selector)."""
     selector_logit_adjustment: float = 0.0
     """tau of logit-adjusted training (Menon et al. 2021): the selector trains on ``logits + tau * log(prior)``,
     prior = each task's share of the selector's training plan, and predicts from the raw logits. Dynamic replay
@@ -61,6 +65,7 @@ class DynamicConPETConfig:
     def __post_init__(self) -> None:
         require_choice("selector_init", self.selector_init, INIT_SELECTOR)
         require_choice("expert_init", self.expert_init, INIT_EXPERT)
+        require_choice("selector_target", self.selector_target, ("task", "class"))
         require_range("selector_epochs", self.selector_epochs, low=0)
         require_range("selector_step_share", self.selector_step_share, low=0.0, high=1.0, open_low=True)
         require_range("selector_grad_clip", self.selector_grad_clip, low=0, open_low=True)
@@ -157,7 +162,8 @@ class DynamicConPET(ContinualMethod):
             self.encoder.load_adapter_state("selector", self.encoder.adapter_state(fresh))
             self.encoder.model.delete_adapter(fresh)
         old = self.selector_head
-        head = nn.Linear(self.hidden_size, task + 1)
+        outputs = task + 1 if self.options.selector_target == "task" else len(self.seen_classes)
+        head = nn.Linear(self.hidden_size, outputs)  # seen classes are ordered task by task: old rows come first
         if old is not None:
             with torch.no_grad():  # old rows are copied; the new row keeps its fresh initialisation
                 head.weight[: old.out_features].copy_(old.weight)
@@ -197,15 +203,33 @@ class DynamicConPET(ContinualMethod):
             self.selector_log_prior = None
             return
         dm = datamodule
-        tasks = [dm.item("train", i)["task"] for batch in dm.train_plan(0) for i in batch]
-        counts = torch.bincount(torch.tensor(tasks), minlength=self.task + 1).double()
+        key = "task" if self.options.selector_target == "task" else "label"
+        targets = torch.tensor([dm.item("train", i)[key] for batch in dm.train_plan(0) for i in batch])
+        if key == "label":
+            targets = self.class_index[targets]
+        counts = torch.bincount(
+            targets, minlength=self.selector_head.out_features if self.selector_head else 1
+        ).double()
         prior = (counts + 1) / (counts.sum() + len(counts))  # add-one smoothing: no task has a zero prior
         self.selector_priors[self.task] = [round(float(v), 4) for v in prior]
         self.selector_log_prior = prior.log().float()
 
     def task_scores(self, batch: Batch) -> torch.Tensor:
         """The frozen selector's task scores ``[B, seen tasks]`` (``contract.Routable``)."""
-        return self.selector_logits(batch)
+        return self.selector_task_scores(self.selector_logits(batch))
+
+    def selector_task_scores(self, logits: torch.Tensor) -> torch.Tensor:
+        """Task scores from the selector head's outputs: themselves, or the log-sum-exp over each task's classes."""
+        if self.options.selector_target == "task":
+            return logits
+        seen_tasks = torch.tensor([t for t in range(self.task + 1) for _ in self.task_classes[t]])
+        return class_level_task_scores(logits, seen_tasks, self.task + 1)
+
+    def selector_targets(self, batch: Batch) -> torch.Tensor:
+        """What the selector head is trained to predict: the task id, or the class's column among the seen ones."""
+        if self.options.selector_target == "task":
+            return batch["task_ids"]
+        return self.class_index.to(batch["labels"].device)[batch["labels"]]
 
     def attach_router(self, router: Router | None) -> None:
         """Route through ``router`` from now on (``contract.Routable``)."""
@@ -320,7 +344,7 @@ class DynamicConPET(ContinualMethod):
             if self.selector_log_prior is not None:
                 prior = self.selector_log_prior.to(logits.device)
                 logits = logits + self.options.selector_logit_adjustment * prior
-            loss = F.cross_entropy(logits, batch["task_ids"])
+            loss = F.cross_entropy(logits, self.selector_targets(batch))
         else:
             loss = self.expert_loss(batch)
         self.log(f"train/{self.stage}_loss", loss, prog_bar=True, batch_size=n)
@@ -355,7 +379,7 @@ class DynamicConPET(ContinualMethod):
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         """Selector stage: task-id accuracy; expert stage: the full pipeline's class accuracy."""
         if self.stage == "selector":
-            pred_task = self.selector_logits(batch).argmax(-1)
+            pred_task = self.task_scores(batch).argmax(-1)
             self.selector_val.update(pred_task, batch["task_ids"], batch["task_ids"])
         else:
             super().validation_step(batch, batch_idx)
