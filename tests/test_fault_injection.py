@@ -190,3 +190,22 @@ def test_kill_9_during_a_real_run_then_resume_gives_the_uninterrupted_r(tmp_path
     assert conpet("resume", str(metrics.parent)).wait(900) == 0
     ref = json.loads((tmp_path / "a" / "dynamic_conpet" / "ref" / "metrics.json").read_text())
     assert json.loads(metrics.read_text())["accuracy_matrix"] == ref["accuracy_matrix"]
+
+
+def test_a_kill_in_a_later_stage_does_not_redo_the_finished_stages_of_its_task(references, tmp_path):
+    """Killed inside task 2's expert stage: the resume loads task 2's selector stage and trains no selector epoch."""
+    with pytest.raises(Killed):
+        _run("dynamic_conpet", tmp_path, KillAt(task=1, stage="expert"))
+    trained: list[tuple[int, str, int]] = []
+
+    class Count(TaskCallback):
+        def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
+            trained.append((pl_module.task, pl_module.stage, trainer.current_epoch))
+
+    resumed = TaskLoop.resume(tmp_path / "dynamic_conpet" / "run")
+    resumed.callbacks.append(Count())
+    out = resumed.run()
+    assert [t for t in trained if t[0] == 1] == [(1, "expert", 1)]  # only the expert's second epoch is left
+    ref = references["dynamic_conpet"].write_metrics()
+    assert out["per_task"][1]["stages"]["selector"]["steps"] == ref["per_task"][1]["stages"]["selector"]["steps"]
+    _assert_same(resumed, references["dynamic_conpet"], out)

@@ -284,10 +284,7 @@ class TaskLoop:
         kept_step0 = zero_shot is not None and (score is None or zero_shot >= float(score))  # ConPET: ties too
         if kept_step0 and before is not None:  # ConPET's step-0 candidate won: the stage keeps its start
             self.method.load_state_dict(before, strict=False)
-        self.folder.save_stage_weights(task, stage.name, self.method.trainable_state())
-        if is_rank_zero():
-            last.unlink(missing_ok=True)  # final.pt marks the stage done
-        return {
+        record = {
             "seconds": round(seconds, 3),
             "steps": int(trainer.global_step),
             "epochs": int(trainer.current_epoch),
@@ -300,6 +297,10 @@ class TaskLoop:
             "budget": {**spent, "fit_seconds": round(seconds, 3)},
             **({"zero_shot_score": round(zero_shot, 4), "kept_step0": kept_step0} if zero_shot is not None else {}),
         }
+        self.folder.save_stage_weights(task, stage.name, self.method.trainable_state(), record)
+        if is_rank_zero():
+            last.unlink(missing_ok=True)  # final.pt marks the stage done
+        return record
 
     def zero_shot_score(self, trainer: L.Trainer, stage: StageSpec) -> float | None:
         """The stage's validation score before it trains (``train.zero_shot_validation``), else None."""
@@ -388,8 +389,10 @@ class TaskLoop:
                 cb.on_stage_start(self.ctx, task, stage)
             self.ctx.fit.epochs = self.plan_epochs(stage)  # the callbacks installed the stage's plan
             self.method.before_fit(task, stage, self.ctx.fit, self.datamodule)
-            if rebuild:
-                self.method.restore_trainable(str(self.folder.stage_weights(task, stage.name)))
+            done = self.folder.stage_weights(task, stage.name)
+            if rebuild or done.is_file():  # a finished stage (of a finished task, or of the task a kill interrupted)
+                self.method.restore_trainable(str(done))
+                stages[stage.name] = self.folder.stage_record(task, stage.name)
             else:
                 stages[stage.name] = self.fit_stage(task, stage, trainer, checkpoints)
             self.method.end_stage(task, stage)

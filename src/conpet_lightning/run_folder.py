@@ -11,12 +11,20 @@ with the optimizer and loop state, so a run killed inside the stage continues fr
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 from lightning.pytorch.utilities import rank_zero_only
 
-from conpet_lightning.runfiles import RunFileError, atomic_torch_save, atomic_write_json, atomic_write_text, read_json
+from conpet_lightning.runfiles import (
+    RunFileError,
+    atomic_torch_save,
+    atomic_write_json,
+    atomic_write_text,
+    load_torch,
+    read_json,
+)
 
 METRICS = "metrics.json"
 CONFIG = "config.yaml"
@@ -55,10 +63,16 @@ class RunFolder:
         if is_rank_zero():
             atomic_write_text(self.path / CONFIG, text, run_dir=self.path)
 
-    def save_stage_weights(self, task: int, stage: str, state: dict[str, Any]) -> None:
-        """A finished stage's trained tensors; from now on the stage counts as done."""
+    def save_stage_weights(self, task: int, stage: str, state: dict[str, Any], record: dict[str, Any]) -> None:
+        """A finished stage's trained tensors and its ``metrics.json`` record; from now on the stage counts as done."""
         if is_rank_zero():
-            atomic_torch_save({"state_dict": state}, self.stage_weights(task, stage), run_dir=self.path)
+            payload = {"state_dict": state, "record": json.dumps(record)}
+            atomic_torch_save(payload, self.stage_weights(task, stage), run_dir=self.path)
+
+    def stage_record(self, task: int, stage: str) -> dict[str, Any]:
+        """The record a finished stage saved with its weights (how it trained: steps, budget, best epoch)."""
+        saved = load_torch(self.stage_weights(task, stage), "stage weights")
+        return json.loads(saved.get("record", "{}"))
 
     def write_metrics(self, metrics: dict[str, Any]) -> None:
         """metrics.json and accuracy_matrix.csv for the tasks finished so far."""
