@@ -89,3 +89,36 @@ def test_replay_free_methods_select_epochs_on_the_current_task_only(tmp_path):
     assert _valid_tasks(tmp_path / "naive", "naive") == ("current", {0: {0}, 1: {1}})
     assert _valid_tasks(tmp_path / "seen", "naive", "data.valid_scope=seen") == ("seen", {0: {0}, 1: {0, 1}})
     assert _valid_tasks(tmp_path / "star", "emr_star")[1][1] == {0, 1}  # replay keeps the old tasks' data
+
+
+class OptimizerAtStart(TaskCallback):
+    """How many of the expert stage's parameters start with Adam moments, per task."""
+
+    def __init__(self) -> None:
+        self.with_state: dict[int, int] = {}
+
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        if pl_module.stage == "expert":
+            self.with_state[pl_module.task] = len(trainer.optimizers[0].state)
+
+
+def test_shared_optimizer_carries_the_selector_moments_into_the_expert_stage(tmp_path):
+    counts = {}
+    for name, extra in (("fresh", []), ("shared", ["method.shared_optimizer=true"])):
+        loop = tiny_loop("dynamic_conpet", tmp_path / name, *extra, num_tasks=3)
+        probe = OptimizerAtStart()
+        loop.callbacks.append(probe)
+        loop.run()
+        counts[name] = probe.with_state
+    lora = len([n for n, _ in loop.method.named_parameters() if ".selector." in n])
+    assert counts["fresh"] == {0: 0, 1: 0, 2: 0}
+    assert counts["shared"][0] == 0 and counts["shared"][1] == counts["shared"][2] == lora > 0
+
+
+def test_shared_optimizer_needs_one_lora_slot():
+    import pytest
+
+    from conpet_lightning.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="method.shared_optimizer=True is not allowed"):
+        load_config("dynamic_conpet", ["method.shared_optimizer=true", "method.expert_init=fresh"])

@@ -297,7 +297,8 @@ class TaskLoop:
             "budget": {**spent, "fit_seconds": round(seconds, 3)},
             **({"zero_shot_score": round(zero_shot, 4), "kept_step0": kept_step0} if zero_shot is not None else {}),
         }
-        self.folder.save_stage_weights(task, stage.name, self.method.trainable_state(), record)
+        state, extra = self.method.trainable_state(), self.method.stage_extra_state()
+        self.folder.save_stage_weights(task, stage.name, state, record, extra)
         if is_rank_zero():
             last.unlink(missing_ok=True)  # final.pt marks the stage done
         return record

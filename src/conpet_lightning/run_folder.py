@@ -63,10 +63,12 @@ class RunFolder:
         if is_rank_zero():
             atomic_write_text(self.path / CONFIG, text, run_dir=self.path)
 
-    def save_stage_weights(self, task: int, stage: str, state: dict[str, Any], record: dict[str, Any]) -> None:
-        """A finished stage's trained tensors and its ``metrics.json`` record; from now on the stage counts as done."""
+    def save_stage_weights(
+        self, task: int, stage: str, state: dict[str, Any], record: dict[str, Any], extra: dict[str, Any]
+    ) -> None:
+        """A finished stage's trained tensors, extra state and ``metrics.json`` record; the stage now counts as done."""
         if is_rank_zero():
-            payload = {"state_dict": state, "record": json.dumps(record)}
+            payload = {"state_dict": state, "extra": extra, "record": json.dumps(record)}
             atomic_torch_save(payload, self.stage_weights(task, stage), run_dir=self.path)
 
     def stage_record(self, task: int, stage: str) -> dict[str, Any]:

@@ -221,9 +221,19 @@ class ContinualMethod(L.LightningModule, ABC):
         trainable = {n for n, p in self.named_parameters() if p.requires_grad}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
 
+    def stage_extra_state(self) -> dict[str, Any]:
+        """What the current stage leaves besides its trained tensors that a later stage uses (saved with them)."""
+        return {}
+
+    def load_stage_extra_state(self, state: dict[str, Any]) -> None:
+        """Put back ``stage_extra_state`` of the current stage (a resumed run rebuilding it)."""
+
     def restore_trainable(self, path: str) -> None:
-        """Load a stage checkpoint written by ``on_save_checkpoint`` (a partial state dict)."""
-        state = load_torch(path, "stage weights")["state_dict"]
+        """Load a stage checkpoint (a partial state dict, and the stage's extra state when it has one)."""
+        saved = load_torch(path, "stage weights")
+        if "extra" in saved:
+            self.load_stage_extra_state(saved["extra"])
+        state = saved["state_dict"]
         missing = set(state) - set(self.state_dict())
         if missing:
             raise KeyError(f"checkpoint {path} has keys this module lacks: {sorted(missing)[:5]}")

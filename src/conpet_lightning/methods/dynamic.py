@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conpet_lightning.config import ConfigError, RunConfig, require_choice, require_range
+from conpet_lightning.config import ConfigError, OptionError, RunConfig, require_choice, require_range
 from conpet_lightning.contract import Batch, FitContext, Router, StageSpec
 from conpet_lightning.data.records import Benchmark
 from conpet_lightning.methods.base import ContinualMethod
@@ -57,6 +57,9 @@ class DynamicConPETConfig:
     """tau of logit-adjusted training (Menon et al. 2021): the selector trains on ``logits + tau * log(prior)``,
     prior = each task's share of the selector's training plan, and predicts from the raw logits. Dynamic replay
     gives the new task half of every batch, so an unadjusted selector over-routes to the newest task; 0 = ConPET."""
+    shared_optimizer: bool = False
+    """ConPET's LLaMA path: the selector and the expert stage share one AdamW (one LoRA slot), so the expert's LoRA
+    starts with the selector's Adam moments; False: a fresh AdamW per stage. Needs ``expert_init=from_selector``."""
     null_expert_logit: float = -100.0
     skip_frozen: bool = True
     """Serve samples routed only to frozen experts from the cache instead of the trainable forward (same loss and
@@ -66,6 +69,8 @@ class DynamicConPETConfig:
         require_choice("selector_init", self.selector_init, INIT_SELECTOR)
         require_choice("expert_init", self.expert_init, INIT_EXPERT)
         require_choice("selector_target", self.selector_target, ("task", "class"))
+        if self.shared_optimizer and self.expert_init != "from_selector":
+            raise OptionError("shared_optimizer", True, "only with expert_init=from_selector (one LoRA slot)")
         require_range("selector_epochs", self.selector_epochs, low=0)
         require_range("selector_step_share", self.selector_step_share, low=0.0, high=1.0, open_low=True)
         require_range("selector_grad_clip", self.selector_grad_clip, low=0, open_low=True)
@@ -103,6 +108,8 @@ class DynamicConPET(ContinualMethod):
     def __init__(self, cfg: RunConfig, benchmark: Benchmark, backbone: LoadedBackbone) -> None:
         super().__init__(cfg, benchmark, backbone, first_adapter=expert_name(0))
         self.options: DynamicConPETConfig
+        self.carried_moments: dict[str, dict[str, Any]] = {}
+        """Selector LoRA name -> its Adam state at the end of the selector stage (``shared_optimizer``)."""
         self.router: Router | None = None
         """Decides the experts of each batch (attached by the routing callback); None: every expert."""
         self.expert_heads = nn.ModuleList([nn.Linear(self.hidden_size, len(self.task_classes[0]))])
@@ -194,6 +201,40 @@ class DynamicConPET(ContinualMethod):
         self.encoder.freeze_adapter(expert_name(task))
         self.expert_heads[task].requires_grad_(False)
         self.frozen_experts.add(task)
+
+    # ------------------------------------------------------------------------------------- shared optimizer
+    def on_train_end(self) -> None:
+        """Selector stage with ``shared_optimizer``: keep its LoRA's Adam moments for the expert stage."""
+        if self.stage != "selector" or not self.options.shared_optimizer:
+            return
+        names = {id(p): n for n, p in self.named_parameters()}
+        optimizer = self.trainer.optimizers[0]
+        self.carried_moments = {
+            names[id(p)]: {k: v.detach().clone() if torch.is_tensor(v) else v for k, v in state.items()}
+            for p, state in optimizer.state.items()
+            if ".selector." in names.get(id(p), "")
+        }
+
+    def stage_extra_state(self) -> dict[str, Any]:
+        """The selector stage's carried Adam moments (``shared_optimizer``), saved with its weights for resume."""
+        return {"carried_moments": self.carried_moments} if self.stage == "selector" and self.carried_moments else {}
+
+    def load_stage_extra_state(self, state: dict[str, Any]) -> None:
+        """Put back the carried moments of a rebuilt selector stage."""
+        self.carried_moments = dict(state.get("carried_moments", {}))
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        """AdamW; with ``shared_optimizer`` the expert's LoRA starts from the selector's moments (one LoRA slot)."""
+        optimizer = super().configure_optimizers()
+        if self.stage == "expert" and self.options.shared_optimizer and self.carried_moments:
+            mine = f".{expert_name(self.task)}."
+            for name, p in self.named_parameters():
+                source = self.carried_moments.get(name.replace(mine, ".selector.")) if p.requires_grad else None
+                if source is not None and mine in name:
+                    optimizer.state[p] = {
+                        k: v.clone().to(p.device) if torch.is_tensor(v) else v for k, v in source.items()
+                    }
+        return optimizer
 
     # ------------------------------------------------------------------------------------------------ selector
     def before_fit(self, task: int, stage: StageSpec, fit: FitContext, datamodule: Any) -> None:
