@@ -5,11 +5,12 @@ metric) is restored; then all seen tasks are tested. The run's callbacks (the ac
 continual evaluation, the dashboard) are ordinary ``TaskCallback`` objects in one list, called at task and stage
 boundaries with the run's ``RunContext``; the run folder is written by ``RunFolder`` alone, atomically.
 
-Randomness is explicit: every (task, stage) and every epoch has a seed of its own (``contract.stream_seed``), set
-before any parameter of that task or stage is created. So a resumed run rebuilds finished tasks exactly: each stage
-is set up as it was, its saved weights are loaded where its fit ended (``before_fit`` and every hook after the fit
-run again on them, with no Trainer fit), and a stage that was killed midway continues from Lightning's checkpoint of
-its last completed epoch (weights, optimizer, loop state). The resumed run ends with the uninterrupted run's results.
+Randomness is explicit: every (task, stage) and every optimizer step has a seed of its own (``contract.stream_seed``),
+the former set before any parameter of that task or stage is created. So a resumed run rebuilds finished stages
+exactly: each is set up as it was, its saved weights (and extra state) are loaded where its fit ended
+(``before_fit`` and every hook after the fit run again on them, with no Trainer fit), and a stage that was killed
+midway continues from Lightning's checkpoint of its last completed epoch (weights, optimizer, loop state). The
+resumed run ends with the uninterrupted run's results.
 """
 
 from __future__ import annotations
