@@ -123,7 +123,9 @@ def load_reference(path: str | None) -> list[list[float | None]] | None:
 class TaskLoop:
     """Drives one run: data, method, callbacks, a fresh Trainer per stage, and the run folder."""
 
-    def __init__(self, cfg: RunConfig, run_dir: Path, finished: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self, cfg: RunConfig, run_dir: Path, finished: dict[str, Any] | None = None, resumed: bool = False
+    ) -> None:
         quiet_lightning()
         self.cfg = cfg
         self.folder = RunFolder(run_dir)
@@ -131,6 +133,8 @@ class TaskLoop:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.finished = finished
         """The metrics.json of the tasks a resumed run already finished (``TaskLoop.resume``), else None."""
+        self.resumed = resumed or finished is not None
+        """A resumed run: stages whose weights the folder already holds are loaded, not fitted again."""
         self.folder.write_config(to_yaml(cfg))
         if cfg.train.num_threads and cfg.train.accelerator == "cpu":
             torch.set_num_threads(cfg.train.num_threads)
@@ -210,7 +214,7 @@ class TaskLoop:
         done = len(finished["per_task"]) if finished else 0
         if finished is not None and done >= len(finished.get("tasks", [])) > 0:
             raise ConfigError(f"{folder.path} already finished all {done} tasks; nothing to resume")
-        return cls(cfg, folder.path, finished=finished)
+        return cls(cfg, folder.path, finished=finished, resumed=True)
 
     # ----------------------------------------------------------------------------------------------- trainers
     def make_trainer(self, task: int, stage: StageSpec | None, extra: list[L.Callback] | None = None) -> L.Trainer:
@@ -392,7 +396,7 @@ class TaskLoop:
             self.ctx.fit.epochs = self.plan_epochs(stage)  # the callbacks installed the stage's plan
             self.method.before_fit(task, stage, self.ctx.fit, self.datamodule)
             done = self.folder.stage_weights(task, stage.name)
-            if rebuild or done.is_file():  # a finished stage (of a finished task, or of the task a kill interrupted)
+            if rebuild or (self.resumed and done.is_file()):  # a finished stage (of the task a kill interrupted)
                 self.method.restore_trainable(str(done))
                 stages[stage.name] = self.folder.stage_record(task, stage.name)
             else:
