@@ -222,3 +222,14 @@ def test_resume_with_a_shared_optimizer_is_exact(tmp_path):
         killed.run()
     resumed = TaskLoop.resume(killed.run_dir)
     _assert_same(resumed, reference, resumed.run())
+
+
+def test_a_run_in_a_relative_output_dir_finishes(tmp_path, monkeypatch):
+    """The default ``output_dir=runs`` is relative: stage records must not assume an absolute run folder."""
+    from conpet_lightning.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    args = [*TINY, "data.num_tasks=2", "output_dir=runs", "run_id=rel"]
+    assert main(["run", "naive", *args]) == 0
+    saved = json.loads((tmp_path / "runs" / "naive" / "rel" / "metrics.json").read_text())
+    assert saved["per_task"][0]["stages"]["train"]["best_checkpoint"] == "checkpoints/task1/train/best.ckpt"

@@ -16,8 +16,10 @@ resumed run ends with the uninterrupted run's results.
 from __future__ import annotations
 
 import logging
+import os
 import time
 import warnings
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +34,7 @@ from conpet_lightning.callbacks.continual_metrics import ContinualMetricsCallbac
 from conpet_lightning.callbacks.dashboard import DashboardCallback
 from conpet_lightning.callbacks.progress import TaskProgressBar
 from conpet_lightning.config import ConfigError, RunConfig, to_yaml, validate
-from conpet_lightning.contract import FitContext, RunContext, StageSpec, split_steps, stream_seed
+from conpet_lightning.contract import FitContext, RunContext, StageBudget, StageSpec, split_steps, stream_seed
 from conpet_lightning.data.benchmarks import check_num_tasks, load_benchmark, resolve_task_order
 from conpet_lightning.data.datamodule import ContinualDataModule
 from conpet_lightning.data.records import Benchmark
@@ -79,15 +81,7 @@ def build_callbacks(cfg: RunConfig) -> list[TaskCallback]:
 
 
 #: Budget fields totalled over all tasks and stages into the summary (``budget_<field>``).
-BUDGET_TOTALS = (
-    "steps",
-    "samples_trainable",
-    "samples_frozen_only",
-    "frozen_cache_hits",
-    "frozen_cache_misses",
-    "tokens",
-    "fit_seconds",
-)
+BUDGET_TOTALS = (*(f.name for f in fields(StageBudget)), "fit_seconds")
 
 
 def budget_totals(per_task: list[dict[str, Any]]) -> dict[str, float]:
@@ -282,7 +276,7 @@ class TaskLoop:
         if trainer.world_size > 1:  # each rank counted its shard; steps are the same on every rank
             counts = trainer.strategy.reduce(counts.to(trainer.strategy.root_device), reduce_op="sum").cpu()
             counts[0] = budget.steps
-        spent = dict(zip(budget.__dataclass_fields__, (int(c) for c in counts), strict=True))
+        spent = dict(zip((f.name for f in fields(budget)), (int(c) for c in counts), strict=True))
         if best.best_model_path:
             self.method.restore_trainable(best.best_model_path)
         score = best.best_model_score
@@ -294,9 +288,8 @@ class TaskLoop:
             "steps": int(trainer.global_step),
             "epochs": int(trainer.current_epoch),
             "best_score": None if score is None else round(float(score), 4),
-            "best_checkpoint": str(Path(best.best_model_path).relative_to(self.run_dir))
-            if best.best_model_path
-            else None,
+            # relpath, not Path.relative_to: Lightning gives an absolute path, the run folder may be relative
+            "best_checkpoint": os.path.relpath(best.best_model_path, self.run_dir) if best.best_model_path else None,
             "trainable_parameters": params["trainable"],
             "total_parameters": params["total"],
             "budget": {**spent, "fit_seconds": round(seconds, 3)},
