@@ -150,6 +150,9 @@ class EvalConfig:
     """Evaluate all seen tasks every N training steps (stability-gap curves, min-ACC / WC-ACC)."""
     reference_run: str | None = None
     """Folder (or metrics.json) of a ``joint`` run of the same config: enables intransigence in the summary."""
+    split: str = "test"
+    """test | valid: the split of every end-of-task evaluation (R, routing panel). ``valid`` is how defaults are
+    chosen without touching test data (sweeps/cpu_validation.yaml); its R is then a validation figure."""
 
 
 @dataclass
@@ -406,6 +409,8 @@ def validate(raw: DictConfig | dict[str, Any]) -> RunConfig:
         key = getattr(err, "full_key", None) or getattr(err, "key", None)
         raise ConfigError(f"invalid config key '{key}': {_one_line(err)}") from err
     cfg: RunConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    if cfg.eval.split not in ("test", "valid"):
+        raise ConfigError(f"eval.split={cfg.eval.split!r} is not allowed: one of test, valid")
     if cfg.data.valid_scope not in VALID_SCOPES:
         raise ConfigError(f"data.valid_scope={cfg.data.valid_scope!r} is not allowed: one of {', '.join(VALID_SCOPES)}")
     if cfg.train.steps_per_task is not None and cfg.train.steps_per_task < 1:

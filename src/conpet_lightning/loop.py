@@ -148,6 +148,7 @@ class TaskLoop:
             seed=cfg.seed,
             template_filter=cfg.data.template_filter,
             num_workers=cfg.data.num_workers,
+            eval_split=cfg.eval.split,
         )
         L.seed_everything(stream_seed(cfg.seed, 0, "method"), workers=True, verbose=False)
         method_cls = METHODS.get(cfg.method["name"])
@@ -430,7 +431,7 @@ class TaskLoop:
     def write_metrics(self) -> dict[str, Any]:
         """Write metrics.json and accuracy_matrix.csv for the tasks finished so far."""
         R = self.ctx.R
-        n_test = [int(len(self.datamodule.indices("test", t))) for t in range(self.benchmark.num_tasks)]
+        n_test = [int(len(self.datamodule.indices(self.cfg.eval.split, t))) for t in range(self.benchmark.num_tasks)]
         done = len(R)
         square = [row[:done] for row in R]
         joint = None
@@ -446,6 +447,7 @@ class TaskLoop:
             "seed": self.cfg.seed,
             "task_order": self.task_order,
             "valid_scope": self.valid_scope,
+            "eval_split": self.cfg.eval.split,
             "tasks": [{"classes": c, "n_test": n} for c, n in zip(self.benchmark.tasks, n_test, strict=True)],
             "accuracy_matrix": square,
             "summary": summary,

@@ -8,6 +8,7 @@ installed for the task and, before each stage, serves either the current task al
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 from conpet_lightning.callbacks.base import TaskCallback
@@ -23,14 +24,15 @@ class StageDataCallback(TaskCallback):
     requires: ClassVar[tuple[type, ...]] = (StageDataSource,)
 
     def __init__(self) -> None:
-        self.saved: tuple[list[list[list[int]]], list[list[int]], str] | None = None
+        self.saved: tuple[Callable[[int], list[list[int]]], list[list[int]], str] | None = None
         self.records: dict[int, dict[str, Any]] = {}
 
     def on_task_start(self, ctx: RunContext, task: int) -> None:
-        """Keep the plan the replay callback installed: every epoch the task's longest stage will iterate."""
+        """Keep the plan the replay callback installed (its function: a stage under a step budget may iterate more
+        epochs than it has)."""
         dm = ctx.datamodule
-        epochs = max([s.epochs for s in ctx.method.stages(task)] + [1])
-        self.saved = ([dm.train_plan(e) for e in range(epochs)], dm.valid_plan(), dm.train_plan_info)
+        plan_fn, info = dm.installed_train_plan()
+        self.saved = (plan_fn, dm.valid_plan(), info)
 
     def on_stage_start(self, ctx: RunContext, task: int, stage: StageSpec) -> None:
         """Serve the current task alone, or the kept replay plan, as the method asks."""
@@ -41,8 +43,8 @@ class StageDataCallback(TaskCallback):
             current, seed, size = dm.indices("train", task), ctx.seed, dm.batch_size
             dm.set_train_plan(lambda epoch: shuffled_epoch(current, size, seed, task, epoch), "current task")
         else:
-            plans, _, info = self.saved
-            dm.set_train_plan(lambda epoch: plans[min(epoch, len(plans) - 1)], info)
+            plan_fn, _, info = self.saved
+            dm.set_train_plan(plan_fn, info)
         dm.set_valid_plan(self.saved[1])
         self.records.setdefault(task, {}).setdefault("stage_data", {})[stage.name] = kind
 

@@ -78,6 +78,7 @@ class ContinualDataModule(L.LightningDataModule):
         seed: int = 0,
         template_filter: int | None = 50,
         num_workers: int = 0,
+        eval_split: str = "test",
     ) -> None:
         super().__init__()
         self.benchmark = benchmark
@@ -85,6 +86,8 @@ class ContinualDataModule(L.LightningDataModule):
         self.eval_batch_size = eval_batch_size
         self.seed = seed
         self.num_workers = num_workers
+        self.eval_split = eval_split
+        """The part the end-of-task evaluation reads (``eval.split``): test, or valid when choosing defaults."""
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.task = 0
         self.train_scope = "current"
@@ -153,6 +156,17 @@ class ContinualDataModule(L.LightningDataModule):
         """Install a training plan: ``plan_fn(epoch)`` returns the global batches of that epoch."""
         self._train_plan_fn = plan_fn
         self.train_plan_info = info
+
+    def installed_train_plan(self) -> tuple[Callable[[int], Plan], str]:
+        """The installed plan function and its description, to reinstall later (a stage that trains on other data
+        in between); any epoch can be drawn from it, however many a step budget needs."""
+        fn = self._train_plan_fn
+        if fn is None:
+            task, pool = self.task, self.indices("train", self.task) if self.train_scope == "current" else None
+            pool = pool if pool is not None else self.seen_indices("train")
+            size, seed = self.batch_size, self.seed
+            fn = lambda epoch: shuffled_epoch(pool, size, seed, task, epoch)  # noqa: E731
+        return fn, self.train_plan_info
 
     def set_valid_plan(self, plan: Plan | None) -> None:
         """Install a fixed validation plan (global batches) for the current task; None = all seen valid data."""
@@ -233,8 +247,8 @@ class ContinualDataModule(L.LightningDataModule):
         return self._eval_loader("valid", self.valid_plan())
 
     def test_dataloader(self) -> DataLoader:
-        """Test loader over the test sets of all seen tasks."""
-        return self._eval_loader("test", self._sequential(self.seen_indices("test")))
+        """Test loader over all seen tasks' evaluation split (the test sets, or validation under ``eval.split``)."""
+        return self._eval_loader(self.eval_split, self._sequential(self.seen_indices(self.eval_split)))
 
     def loader_for(self, part: str, indices: Sequence[int]) -> DataLoader:
         """A plain sequential loader over given flat indices (feature extraction for memory selection)."""
