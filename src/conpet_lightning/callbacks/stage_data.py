@@ -28,8 +28,7 @@ class StageDataCallback(TaskCallback):
         self.records: dict[int, dict[str, Any]] = {}
 
     def on_task_start(self, ctx: RunContext, task: int) -> None:
-        """Keep the plan the replay callback installed (its function: a stage under a step budget may iterate more
-        epochs than it has)."""
+        """Keep the plan the replay callback installed, as a function: a stage under a step budget draws more epochs."""
         dm = ctx.datamodule
         plan_fn, info = dm.installed_train_plan()
         self.saved = (plan_fn, dm.valid_plan(), info)

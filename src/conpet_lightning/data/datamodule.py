@@ -158,8 +158,10 @@ class ContinualDataModule(L.LightningDataModule):
         self.train_plan_info = info
 
     def installed_train_plan(self) -> tuple[Callable[[int], Plan], str]:
-        """The installed plan function and its description, to reinstall later (a stage that trains on other data
-        in between); any epoch can be drawn from it, however many a step budget needs."""
+        """The installed plan function and its description, to reinstall after a stage that trains on other data.
+
+        Any epoch can be drawn from it, however many a step budget needs.
+        """
         fn = self._train_plan_fn
         if fn is None:
             task, pool = self.task, self.indices("train", self.task) if self.train_scope == "current" else None
