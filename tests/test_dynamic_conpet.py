@@ -224,3 +224,34 @@ def test_class_level_selector_scores_tasks_by_the_log_sum_exp_of_their_classes(t
     first = len(m.task_classes[0])
     assert torch.allclose(scores[:, 0], torch.logsumexp(logits[:, :first], dim=-1))
     assert out["per_task"][2]["selector"]["confusion"]
+
+
+def test_a_routed_batch_costs_one_encoder_pass_whatever_experts_it_reaches(dynamic_run):
+    loop, _, _ = dynamic_run
+    method, dm = loop.method, loop.datamodule
+    method.eval()
+    batch = method.transfer_batch_to_device(next(iter(dm.test_dataloader())), method.device, 0)
+    n = len(batch["keys"])
+    route = (torch.arange(n) % (method.task + 1))[:, None].to(method.device)  # rows spread over every expert
+    assert len(torch.unique(route)) == 4
+    calls: list[int] = []
+    forward = method.encoder.forward
+
+    def counting(*args, **kwargs):
+        calls.append(int(args[0].shape[0]))
+        return forward(*args, **kwargs)
+
+    method.expert_cache.clear()
+    method.encoder.forward = counting
+    try:
+        routed = method.assemble_logits(batch, route, trainable=None)
+    finally:
+        del method.encoder.forward
+    assert calls == [n], calls  # one mixed-adapter pass over the batch, not one per expert
+    # the same values as each expert alone on its rows
+    for expert in range(4):
+        rows = (route[:, 0] == expert).nonzero(as_tuple=True)[0]
+        method.expert_cache.clear()
+        cols = method.class_index[method.task_classes[expert]].to(method.device)
+        alone = method.frozen_expert_logits(batch, rows, expert)
+        assert torch.allclose(routed[rows][:, cols], alone, atol=1e-5), expert

@@ -292,26 +292,47 @@ class DynamicConPET(ContinualMethod):
     # ------------------------------------------------------------------------------------------------- experts
     def frozen_expert_logits(self, batch: dict[str, Any], rows: torch.Tensor, expert: int) -> torch.Tensor:
         """Head outputs of an expert under no grad for some rows of the batch; frozen experts' come from the cache."""
-        keys = [batch["keys"][i] for i in rows.tolist()]
-        cacheable = expert in self.frozen_experts
-        fresh: dict[str, torch.Tensor] = {}
-        missing = [
-            i for i, k in zip(rows.tolist(), keys, strict=True) if not (cacheable and (expert, k) in self.expert_cache)
-        ]
+        return self.frozen_outputs(batch, {expert: rows})[expert]
+
+    def frozen_outputs(self, batch: dict[str, Any], wanted: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+        """Head outputs of several experts under no grad, each for its rows of the batch.
+
+        Cached outputs of frozen experts are reused; every other (row, expert) pair goes through *one* mixed-adapter
+        forward (peft's per-row ``adapter_names``), so a routed batch costs one encoder pass however many experts it
+        reaches, instead of one small pass per expert.
+        """
+        pending: list[tuple[int, int]] = []  # (expert, row) pairs to compute
+        hits = 0
+        for expert, rows in wanted.items():
+            cacheable = expert in self.frozen_experts
+            for i in rows.tolist():
+                if cacheable and (expert, batch["keys"][i]) in self.expert_cache:
+                    hits += 1
+                else:
+                    pending.append((expert, i))
         if self.training:  # the training budget counts frozen forwards (validation and tests are not training)
-            self.budget.frozen_cache_hits += len(keys) - len(missing)
-            self.budget.frozen_cache_misses += len(missing)
-        if missing:
-            sub = _take(batch, torch.tensor(missing, device=rows.device))
+            self.budget.frozen_cache_hits += hits
+            self.budget.frozen_cache_misses += len(pending)
+        fresh: dict[tuple[int, str], torch.Tensor] = {}
+        if pending:
+            sub = _take(batch, torch.tensor([i for _, i in pending], device=self.device))
             with torch.no_grad(), eval_mode(self.encoder):
-                hidden = self.represent(sub, adapter_names=[expert_name(expert)] * len(missing))
-                out = self.expert_heads[expert](hidden).float()
-            for j, i in enumerate(missing):
-                fresh[batch["keys"][i]] = out[j].detach()
-                if cacheable:
-                    self.expert_cache[(expert, batch["keys"][i])] = out[j].detach().cpu()
-        values = [fresh[k] if k in fresh else self.expert_cache[(expert, k)].to(self.device) for k in keys]
-        return torch.stack(values).to(self.device)
+                hidden = self.represent(sub, adapter_names=[expert_name(e) for e, _ in pending])
+                for expert in sorted({e for e, _ in pending}):
+                    at = [j for j, (e, _) in enumerate(pending) if e == expert]
+                    out = self.expert_heads[expert](hidden[at]).float().detach()
+                    for j, row in zip(at, out, strict=True):
+                        key = batch["keys"][pending[j][1]]
+                        fresh[(expert, key)] = row
+                        if expert in self.frozen_experts:
+                            self.expert_cache[(expert, key)] = row.cpu()
+        result: dict[int, torch.Tensor] = {}
+        for expert, rows in wanted.items():
+            keys = [batch["keys"][i] for i in rows.tolist()]
+            result[expert] = torch.stack([fresh.get((expert, k), self.expert_cache.get((expert, k))) for k in keys]).to(
+                self.device
+            )
+        return result
 
     def assemble_logits(self, batch: dict[str, Any], route: torch.Tensor, trainable: int | None) -> torch.Tensor:
         """[B, seen classes] logits: each routed expert fills its own columns, the rest is ``null_expert_logit``.
@@ -320,8 +341,9 @@ class DynamicConPET(ContinualMethod):
         """
         n_seen = len(self.seen_classes)
         logits = torch.full((len(route), n_seen), self.options.null_expert_logit, device=self.device)
-        for expert in torch.unique(route).tolist():
-            rows = (route == expert).any(dim=1).nonzero(as_tuple=True)[0]
+        rows_of = {e: (route == e).any(dim=1).nonzero(as_tuple=True)[0] for e in torch.unique(route).tolist()}
+        frozen = self.frozen_outputs(batch, {e: r for e, r in rows_of.items() if e != trainable})
+        for expert, rows in rows_of.items():
             cols = self.class_index[self.task_classes[expert]].to(self.device)
             if expert == trainable:
                 if self.options.skip_frozen:
@@ -329,7 +351,7 @@ class DynamicConPET(ContinualMethod):
                 else:  # reference path: the whole batch through the trainable expert, unrouted rows discarded
                     values = self.expert_heads[expert](self.represent(batch))[rows]
             else:
-                values = self.frozen_expert_logits(batch, rows, expert)
+                values = frozen[expert]
             logits = logits.index_put((rows[:, None], cols[None, :]), values.to(logits.dtype))
         return logits
 
