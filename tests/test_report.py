@@ -164,3 +164,12 @@ def test_report_on_two_real_runs_agrees_with_their_metrics(tmp_path: Path, capsy
     assert main(["report", *dirs, "--no-figures"]) == 0
     table = capsys.readouterr().out
     assert "naive" in table and "joint" in table and table.count("|") > 10
+
+
+def test_steps_per_task_row_groups_equal_budgets() -> None:
+    from conpet_lightning.reporting.report import steps_per_task
+
+    run = {"per_task": [{"train_steps": 80}] + [{"train_steps": 240}] * 9}
+    assert steps_per_task(run) == "80, 240 x9"
+    assert steps_per_task({"per_task": [{"train_steps": 120}] * 10}) == "120 x10"
+    assert steps_per_task({"per_task": [{"train_steps": 40}, {"train_steps": 44}, {"train_steps": 48}]}) == "40, 44, 48"

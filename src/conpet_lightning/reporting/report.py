@@ -107,11 +107,24 @@ def _cell(v: Any) -> str:
     return str(v).replace("|", "\\|")
 
 
+def steps_per_task(run: Mapping[str, Any]) -> str:
+    """Optimizer steps of each task, run-length compressed (``80, 240 x9``): equal budgets show as one group."""
+    steps = [int(t.get("train_steps", 0)) for t in run.get("per_task") or []]
+    groups: list[list[int]] = []
+    for n in steps:
+        if groups and groups[-1][0] == n:
+            groups[-1][1] += 1
+        else:
+            groups.append([n, 1])
+    return ", ".join(f"{n} x{k}" if k > 1 else str(n) for n, k in groups) or "n/a"
+
+
 def markdown_table(runs: Sequence[Mapping[str, Any]]) -> str:
     """Side-by-side markdown table: one column per run, one row per summary metric (recomputed).
 
     Rows follow ``SUMMARY_KEYS``; any extra keys in a run's stored summary (e.g. selector accuracy) follow,
-    sorted. Context rows (benchmark, seed, tasks) come first. ``n/a`` marks a metric that does not apply.
+    sorted. Context rows (benchmark, seed, tasks, optimizer steps of each task) come first. ``n/a`` marks a metric
+    that does not apply.
     """
     if not runs:
         raise ValueError("markdown_table needs at least one run")
@@ -129,6 +142,7 @@ def markdown_table(runs: Sequence[Mapping[str, Any]]) -> str:
         "benchmark": [r.get("benchmark") for r in runs],
         "seed": [r.get("seed") for r in runs],
         "tasks": [len(r["accuracy_matrix"]) for r in runs],
+        "steps per task": [steps_per_task(r) for r in runs],
     }
     for name, values in context.items():
         lines.append(f"| {name} | " + " | ".join(_cell(v) for v in values) + " |")
