@@ -39,6 +39,7 @@ SIZES: dict[str, tuple[str, ...]] = {
         "data.max_valid_per_class=4",
         "data.max_test_per_class=4",
         "train.epochs=1",
+        "train.steps_per_task=null",  # each bench states its own steps (epochs over its caps), not the CPU default's
         "logging.progress_bar=false",
         "logging.wandb=false",
     ),

@@ -17,6 +17,7 @@ TINY = [
     "data.max_test_per_class=2",
     "data.max_seq_len=48",
     "train.epochs=1",
+    "train.steps_per_task=null",  # one epoch per stage; the equal-budget tests set their own steps
     "logging.progress_bar=false",
     "logging.wandb=false",  # the dashboard tests switch it on
     "train.num_threads=1",  # tiny models gain nothing from a second thread, and lose much when the CPU is busy
