@@ -13,7 +13,17 @@ import yaml
 
 from conpet_lightning.cli import main
 from conpet_lightning.config import ConfigError
-from conpet_lightning.sweep import GridPoint, emit, load_sweep, point_command, point_status, read_index, run_sweep
+from conpet_lightning.sweep import (
+    GridPoint,
+    emit,
+    load_sweep,
+    order_label,
+    point_command,
+    point_status,
+    read_index,
+    run_order,
+    run_sweep,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -137,6 +147,30 @@ def test_lanes_split_the_cores_and_the_index_lists_every_point(tmp_path):
     one_lane: list[list[str]] = []
     run_sweep(sweep, lanes=1, cores=8, runner=lambda cmd, log: one_lane.append(cmd) or 1, echo=lambda _: None)
     assert len(one_lane) == 1 and "train.num_threads=8" in one_lane[0]  # only the failed point is left
+
+
+def test_points_run_seed_major_so_a_stopped_sweep_holds_whole_seeds(tmp_path):
+    sweep = load_sweep(_sweep_file(tmp_path))  # grid order: naive x (2 orders x 2 seeds), then joint x ...
+    assert [p.experiment for p in sweep.points] == ["naive"] * 4 + ["joint"] * 4
+    ran: list[tuple[str, int, str]] = []
+
+    def runner(cmd: list[str], log: Path | None) -> int:
+        point = next(p for p in sweep.points if f"run_id={p.point_id}" in cmd and p.experiment == cmd[4])
+        ran.append((point.experiment, point.seed, order_label(point.task_order)))
+        return 1
+
+    run_sweep(sweep, lanes=1, cores=2, runner=runner, echo=lambda _: None)
+    assert ran == [
+        ("naive", 100, "default"),
+        ("joint", 100, "default"),
+        ("naive", 100, "perm1"),
+        ("joint", 100, "perm1"),
+        ("naive", 200, "default"),
+        ("joint", 200, "default"),
+        ("naive", 200, "perm1"),
+        ("joint", 200, "perm1"),
+    ]
+    assert [p.index for p in run_order(sweep.points)][:2] == [0, 4]  # the grid indices themselves do not move
 
 
 def test_dry_run_writes_nothing_and_cli_reports_failures(tmp_path, capsys):

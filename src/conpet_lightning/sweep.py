@@ -325,6 +325,17 @@ def read_index(path: str | Path) -> list[Path]:
 Runner = Callable[[list[str], Path | None], int]
 
 
+def run_order(points: Sequence[GridPoint]) -> list[GridPoint]:
+    """Seed-major order: every point of the first seed (and task order) runs before any point of the next.
+
+    A sweep stopped half-way then holds whole seeds of every experiment, which paired comparisons can use, instead of
+    every seed of the first few experiments. Grid indices (the job-array numbering) do not change.
+    """
+    seed_rank = {seed: i for i, seed in enumerate(dict.fromkeys(p.seed for p in points))}
+    order_rank = {key: i for i, key in enumerate(dict.fromkeys(repr(p.task_order) for p in points))}
+    return sorted(points, key=lambda p: (seed_rank[p.seed], order_rank[repr(p.task_order)], p.index))
+
+
 def _subprocess_runner(cmd: list[str], log: Path | None) -> int:
     """Run one point; with a log file (lanes) its output goes there instead of interleaving on the console."""
     if log is None:
@@ -346,8 +357,9 @@ def run_sweep(
 ) -> dict[int, str]:
     """Bring every point (or the ``only`` indices) to ``done``; returns the final status per point run or planned.
 
-    ``dry_run`` prints the commands and writes nothing. With ``lanes > 1`` runs share the cores, each with
-    ``train.num_threads = cores // lanes``, and log to ``<root>/logs/<experiment>/<point id>.log``.
+    Points run seed-major (``run_order``). ``dry_run`` prints the commands and writes nothing. With ``lanes > 1``
+    runs share the cores, each with ``train.num_threads = cores // lanes``, and log to
+    ``<root>/logs/<experiment>/<point id>.log``.
     """
     if lanes < 1:
         raise ConfigError(f"--lanes must be >= 1, got {lanes}")
@@ -379,7 +391,8 @@ def run_sweep(
             echo(f"[sweep] {status} [{point.index}] {point.experiment}/{point.point_id} (exit {rc})")
 
     write_index(sweep, live)
-    jobs = [(p, cmd) for p, cmd in plan if cmd is not None]
+    commands = {p.index: cmd for p, cmd in plan if cmd is not None}
+    jobs = [(p, commands[p.index]) for p in run_order(todo) if p.index in commands]
     if lanes == 1:
         for p, cmd in jobs:
             work(p, cmd)
