@@ -37,6 +37,20 @@ def test_naive_run_writes_the_run_folder(tmp_path):
     assert csv[0] == "task1,task2,task3" and len(csv) == 4
 
 
+def test_cpu_default_runs_the_encoder_in_bf16_autocast_in_training_and_evaluation(tmp_path):
+    from conpet_lightning.config import load_config
+
+    default = load_config("dynamic_conpet", [])
+    assert (default.train.precision, default.data.max_seq_len) == ("bf16-mixed", 48)  # chosen by sweeps/cpu_speed
+    loop = tiny_loop("naive", tmp_path, "train.precision=bf16-mixed", num_tasks=1)
+    seen: dict[bool, set[torch.dtype]] = {True: set(), False: set()}
+    first_linear = next(m for m in loop.method.modules() if isinstance(m, torch.nn.Linear))
+    first_linear.register_forward_hook(lambda mod, args, out: seen[mod.training].add(out.dtype))
+    out = loop.run()
+    assert seen[True] == {torch.bfloat16} and seen[False] == {torch.bfloat16}  # training and evaluation
+    assert 0.0 <= out["summary"]["acc_macro"] <= 100.0
+
+
 def test_joint_trains_on_all_seen_tasks_and_naive_on_the_current_one(tmp_path):
     naive = tiny_loop("naive", tmp_path / "n", num_tasks=3).run()
     joint = tiny_loop("joint", tmp_path / "j", num_tasks=3).run()

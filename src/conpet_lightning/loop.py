@@ -92,6 +92,14 @@ def budget_totals(per_task: list[dict[str, Any]]) -> dict[str, float]:
     return out
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether oneDNN runs bf16 matmuls natively on this CPU (the CPU default's bf16 autocast is fast only then)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def quiet_lightning() -> None:
     """A run builds dozens of Trainers: keep their repeated banners and known-harmless warnings off the console."""
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
@@ -132,6 +140,12 @@ class TaskLoop:
         self.folder.write_config(to_yaml(cfg))
         if cfg.train.num_threads and cfg.train.accelerator == "cpu":
             torch.set_num_threads(cfg.train.num_threads)
+        if cfg.train.accelerator == "cpu" and cfg.train.precision.startswith("bf16") and not cpu_has_native_bf16():
+            print(
+                f"[conpet] warning: train.precision={cfg.train.precision} on a CPU without native bf16 (AVX512-BF16 or "
+                "AMX) runs slower than fp32; set train.precision=32-true (results then differ from the bf16 default)",
+                flush=True,
+            )
         L.seed_everything(cfg.seed, workers=True, verbose=False)
         self.reference = load_reference(cfg.eval.reference_run)
         self.benchmark, self.task_order = build_benchmark(cfg)
