@@ -8,6 +8,7 @@ target and whether it holds; a missed target is a result, never an error.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import os
 import platform
@@ -162,6 +163,28 @@ def peak_rss_mb() -> float:
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks")
+    ] + [("keepcost", ctypes.c_size_t)]
+
+
+def heap_in_use_mb() -> float | None:
+    """Bytes malloc hands out to live objects (glibc ``mallinfo2``: in-use heap chunks plus mmapped chunks), in MiB.
+
+    Unlike VmHWM it leaves out the freed memory the allocator keeps for reuse, so it shows what the process holds;
+    None where glibc's ``mallinfo2`` (2.33+) is missing.
+    """
+    try:
+        mallinfo2 = ctypes.CDLL("libc.so.6").mallinfo2
+    except (OSError, AttributeError):
+        return None
+    mallinfo2.restype = _MallInfo2
+    info = mallinfo2()
+    return (info.uordblks + info.hblkhd) / 2**20
 
 
 def ratio_entry(

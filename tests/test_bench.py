@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from bench import gpu, profile_run, run_all
-from bench.common import ratio_entry
+from bench.common import heap_in_use_mb, ratio_entry
 
 ALL_RATIOS = {
     "framework_throughput",
@@ -22,7 +22,7 @@ ALL_RATIOS = {
     "routed_inference_cached",
     "skip_frozen_expert_stage",
     "eval_padding",
-}
+} | ({"heap_in_use_last_over_task1"} if heap_in_use_mb() is not None else set())
 
 
 def _check_entry(entry: dict) -> None:
@@ -46,6 +46,17 @@ def test_ratio_entry_verdict() -> None:
     assert missed["holds"] is False and missed["verdict"] == "MISSED" and missed["target"] == "<= 1.05"
     with pytest.raises(ValueError):
         ratio_entry("c", 1.0, 1.0, "<", what="x", conditions={})
+
+
+@pytest.mark.skipif(heap_in_use_mb() is None, reason="needs glibc's mallinfo2")
+def test_heap_in_use_counts_live_memory_and_not_what_was_freed() -> None:
+    before = heap_in_use_mb()
+    block = torch.ones(16 * 2**20)  # 64 MiB
+    held = heap_in_use_mb()
+    del block
+    after = heap_in_use_mb()
+    assert before is not None and held is not None and after is not None
+    assert held - before >= 63 and held - after >= 63
 
 
 def test_phases_are_exclusive() -> None:
