@@ -59,6 +59,16 @@ def test_heap_in_use_counts_live_memory_and_not_what_was_freed() -> None:
     assert held - before >= 63 and held - after >= 63
 
 
+def test_bare_loop_of_the_framework_bench_runs_at_the_run_precision() -> None:
+    from bench.framework_overhead import autocast_for
+
+    a = torch.ones(4, 4)
+    with autocast_for("bf16-mixed"):
+        assert torch.mm(a, a).dtype == torch.bfloat16  # as Lightning's bf16-mixed plugin does on CPU
+    with autocast_for("32-true"):
+        assert torch.mm(a, a).dtype == torch.float32
+
+
 def test_phases_are_exclusive() -> None:
     phases = profile_run.Phases()
 
