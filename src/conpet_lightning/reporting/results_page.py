@@ -145,7 +145,9 @@ def budget_table(runs: Sequence[Run]) -> list[str]:
     lines = [
         "### Budget",
         "",
-        "Optimizer steps of all stages of a task (metrics.json `per_task[t].stages[*].steps`), per experiment.",
+        "Optimizer steps of all stages of a task (metrics.json `per_task[t].stages[*].steps`), per experiment. The "
+        "seconds are the stages' fit time as the runs measured it, in the sweep's lanes on a machine that may have "
+        "run other work too: a cost indication, not a benchmark (`make bench` measures costs side by side).",
         "",
         "| experiment | benchmark | steps per task (mean) | steps per task (min-max) | train s per run (mean) |",
         "|---|---|---:|---:|---:|",
