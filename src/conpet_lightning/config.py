@@ -61,6 +61,9 @@ class DataConfig:
     """Which shipped label map/split a ``conpet_json`` folder uses (tacred, ace, ontonotes, bbn, fewrel, fewnerd)."""
     split_seed: int = 100
     max_seq_len: int = 64
+    pad_to_multiple_of: int | None = None
+    """Round every batch's width up to a multiple of this (null: the longest sample's). Fewer distinct shapes keep
+    the CPU kernels' per-shape caches small (bench task_cost's heap_in_use); the extra tokens are masked."""
     max_train_per_class: int | None = None
     max_valid_per_class: int | None = None
     max_test_per_class: int | None = None
@@ -426,6 +429,8 @@ def validate(raw: DictConfig | dict[str, Any]) -> RunConfig:
     check_task_order_spec(cfg.data.task_order)
     if cfg.eval.every_n_steps is not None and cfg.eval.every_n_steps < 1:
         raise ConfigError(f"eval.every_n_steps must be a positive integer or null, got {cfg.eval.every_n_steps}")
+    if cfg.data.pad_to_multiple_of is not None and cfg.data.pad_to_multiple_of < 1:
+        raise ConfigError(f"data.pad_to_multiple_of must be at least 1 (or null), got {cfg.data.pad_to_multiple_of}")
     if cfg.data.num_tasks is not None and cfg.data.num_tasks < 1:
         # the upper bound needs the benchmark: data.benchmarks.check_num_tasks, where it is loaded
         raise ConfigError(f"data.num_tasks must be at least 1 (or null for all tasks), got {cfg.data.num_tasks}")

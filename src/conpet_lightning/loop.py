@@ -163,6 +163,7 @@ class TaskLoop:
             template_filter=cfg.data.template_filter,
             num_workers=cfg.data.num_workers,
             eval_split=cfg.eval.split,
+            pad_to_multiple_of=cfg.data.pad_to_multiple_of,
         )
         L.seed_everything(stream_seed(cfg.seed, 0, "method"), workers=True, verbose=False)
         method_cls = METHODS.get(cfg.method["name"])

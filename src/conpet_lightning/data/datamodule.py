@@ -37,9 +37,15 @@ class EncodedPart(Dataset):
         return self.items[index]
 
 
-def collate(items: Sequence[dict[str, Any]], pad_id: int) -> dict[str, Any]:
-    """Right-pad a list of encoded items into a batch; keys stay a list of strings."""
+def collate(items: Sequence[dict[str, Any]], pad_id: int, multiple_of: int | None = None) -> dict[str, Any]:
+    """Right-pad a list of encoded items into a batch; keys stay a list of strings.
+
+    ``multiple_of`` rounds the width up (``data.pad_to_multiple_of``): fewer distinct tensor shapes, and CPU kernels
+    keep per-shape state (oneDNN primitives) that otherwise grows with every new batch length a run meets.
+    """
     width = max(len(it["input_ids"]) for it in items)
+    if multiple_of:
+        width = -(-width // multiple_of) * multiple_of
     ids = torch.full((len(items), width), pad_id, dtype=torch.long)
     attn = torch.zeros((len(items), width), dtype=torch.long)
     for row, it in enumerate(items):
@@ -79,8 +85,10 @@ class ContinualDataModule(L.LightningDataModule):
         template_filter: int | None = 50,
         num_workers: int = 0,
         eval_split: str = "test",
+        pad_to_multiple_of: int | None = None,
     ) -> None:
         super().__init__()
+        self.pad_to_multiple_of = pad_to_multiple_of
         self.benchmark = benchmark
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size
@@ -208,7 +216,7 @@ class ContinualDataModule(L.LightningDataModule):
         return DataLoader(
             self.parts[part],
             batch_sampler=PlanBatchSampler(plan_fn, rank=rank, world_size=world),
-            collate_fn=lambda items: collate(items, self.pad_id),
+            collate_fn=lambda items: collate(items, self.pad_id, self.pad_to_multiple_of),
             num_workers=self.num_workers,
         )
 
