@@ -1,18 +1,18 @@
 """Framework overhead: one stage through the real task loop against the same training in a bare PyTorch loop.
 
-Framework side: ``TaskLoop.train_task`` of task 1 (its one stage), as a run calls it: a fresh Lightning Trainer
-with the run's callbacks (dynamic replay plan, top-k routing, continual metrics, dashboard), the W&B logger offline,
-the best-epoch and last-epoch checkpoints, restore, the stage's saved weights. Bare side: the same method object's
+Framework side: ``TaskLoop.train_task`` of task 1 (its one stage), as a run calls it: a fresh Lightning Trainer with
+the run's callbacks (dynamic replay plan, top-k routing, continual metrics, dashboard), the W&B logger offline, the
+best-epoch and last-epoch checkpoints, restore, the stage's saved weights. Bare side: the same method object's
 ``training_step`` called by hand over the same plan's batches (the datamodule's ``collate``), ``loss.backward()``,
-the same gradient clipping and a plain ``torch.optim.AdamW``, the run's precision (bf16 autocast at the CPU
-default), the same validation batches each epoch through ``method.predict``, and the best epoch kept in memory.
-Both start from the same trainable weights and seed, in one process with one thread count, interleaved. Stage:
-task 1's expert stage of ``dynamic_conpet`` (FewRel). Ratio = framework steps/s over bare steps/s.
+the same gradient clipping and a plain ``torch.optim.AdamW``, the run's precision (the stage Trainer's autocast,
+``FitContext.forward_context``: bf16 at the CPU default), the same validation batches each epoch through
+``method.predict``, and the best epoch kept in memory. Both start from the same trainable weights and seed, in one
+process with one thread count, interleaved. Stage: task 1's expert stage of ``dynamic_conpet`` (FewRel). Ratio =
+framework steps/s over bare steps/s.
 """
 
 from __future__ import annotations
 
-import contextlib
 import time
 import warnings
 from typing import Any
@@ -36,13 +36,6 @@ EPOCHS = 2
 REPEATS = {"small": 3, "tiny": 2}
 
 
-def autocast_for(precision: str) -> contextlib.AbstractContextManager[Any]:
-    """The CPU autocast Lightning's precision plugin applies for ``precision`` (bf16-mixed), else nothing."""
-    if precision.startswith("bf16") and "true" not in precision:
-        return torch.autocast("cpu", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 def bare_fit(loop: Any, stage: Any) -> int:
     """The stage in plain PyTorch on the loop's own method and data; returns the number of optimizer steps."""
     import lightning as L
@@ -60,7 +53,7 @@ def bare_fit(loop: Any, stage: Any) -> int:
             method.train()
             for i, indices in enumerate(dm.train_plan(epoch)):
                 batch = collate([dm.item("train", j) for j in indices], dm.pad_id)
-                with warnings.catch_warnings(), autocast_for(t.precision):  # the run's precision, as Lightning's
+                with warnings.catch_warnings(), loop.ctx.fit.forward_context():  # the stage Trainer's autocast
                     warnings.simplefilter("ignore")  # self.log() without a Trainer warns, then does nothing
                     loss = method.training_step(batch, i)
                 opt.zero_grad(set_to_none=True)
@@ -71,7 +64,7 @@ def bare_fit(loop: Any, stage: Any) -> int:
                 steps += 1
             method.eval()
             correct = total = 0
-            with torch.no_grad(), autocast_for(t.precision):
+            with torch.no_grad(), loop.ctx.fit.forward_context():
                 for batch in dm.val_dataloader():
                     correct += int((method.predict(batch) == batch["labels"]).sum())
                     total += len(batch["keys"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import sys
 import time
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from bench import framework_overhead as bench_framework
 from bench import gpu, profile_run, run_all
 from bench.common import heap_in_use_mb, ratio_entry
 
@@ -60,13 +62,21 @@ def test_heap_in_use_counts_live_memory_and_not_what_was_freed() -> None:
 
 
 def test_bare_loop_of_the_framework_bench_runs_at_the_run_precision() -> None:
-    from bench.framework_overhead import autocast_for
+    import lightning as L
+
+    from conpet_lightning.contract import FitContext
+
+    def fit_context(precision: str) -> FitContext:  # what bench.common.begin_stage gives the bare loop
+        trainer = L.Trainer(accelerator="cpu", precision=precision, logger=False, enable_progress_bar=False)
+        return FitContext(trainer.strategy.root_device, trainer.precision_plugin)
 
     a = torch.ones(4, 4)
-    with autocast_for("bf16-mixed"):
+    with fit_context("bf16-mixed").forward_context():
         assert torch.mm(a, a).dtype == torch.bfloat16  # as Lightning's bf16-mixed plugin does on CPU
-    with autocast_for("32-true"):
+    with fit_context("32-true").forward_context():
         assert torch.mm(a, a).dtype == torch.float32
+    source = inspect.getsource(bench_framework.bare_fit)
+    assert source.count("loop.ctx.fit.forward_context()") == 2  # training steps and validation
 
 
 def test_phases_are_exclusive() -> None:
