@@ -166,10 +166,23 @@ def peak_rss_mb() -> float:
 
 
 class _MallInfo2(ctypes.Structure):
+    """glibc's ``struct mallinfo2``: ten ``size_t`` fields, in this order."""
+
     _fields_ = [
         (name, ctypes.c_size_t)
-        for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks")
-    ] + [("keepcost", ctypes.c_size_t)]
+        for name in (
+            "arena",
+            "ordblks",
+            "smblks",
+            "hblks",
+            "hblkhd",
+            "usmblks",
+            "fsmblks",
+            "uordblks",
+            "fordblks",
+            "keepcost",
+        )
+    ]
 
 
 def heap_in_use_mb() -> float | None:

@@ -121,6 +121,7 @@ def run(size: str = "small", threads: int = 1) -> list[dict[str, Any]]:
         "torch_threads": threads,
         "process": "one fresh subprocess for the run",
     }
+    memory = {"heap_in_use_mb_after_each_task": heap, "live_tensor_mb_after_each_task": r["live_tensor_mb"]}
     step_ratio = r["median_step_seconds"][-1] / max(r["median_step_seconds"][1], 1e-9)
     return [
         ratio_entry(
@@ -148,11 +149,7 @@ def run(size: str = "small", threads: int = 1) -> list[dict[str, Any]]:
             "<=",
             what=f"peak resident memory (VmHWM) after task {tasks} over after task 1, dynamic_conpet",
             conditions=conditions,
-            details={
-                "peak_rss_mb_after_each_task": peak,
-                "heap_in_use_mb_after_each_task": heap,
-                "live_tensor_mb_after_each_task": r["live_tensor_mb"],
-            },
+            details={"peak_rss_mb_after_each_task": peak, **memory},
         ),
         *(
             []
@@ -165,10 +162,7 @@ def run(size: str = "small", threads: int = 1) -> list[dict[str, Any]]:
                     "<=",
                     what=f"heap in use (glibc mallinfo2, freed memory left out) after task {tasks} over after task 1",
                     conditions=conditions,
-                    details={
-                        "heap_in_use_mb_after_each_task": heap,
-                        "live_tensor_mb_after_each_task": r["live_tensor_mb"],
-                    },
+                    details=memory,
                 )
             ]
         ),
