@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 import pytest
 import torch
 
 from conpet_lightning.callbacks.base import TaskCallback
 from conpet_lightning.callbacks.routing import apply_teacher_forcing
 from conpet_lightning.config import ConfigError, load_config
+from conpet_lightning.methods.distill import soft_target_loss
 from conpet_lightning.methods.dynamic import expert_name
 from tests.helpers import tiny_loop
 
@@ -255,3 +258,151 @@ def test_a_routed_batch_costs_one_encoder_pass_whatever_experts_it_reaches(dynam
         cols = method.class_index[method.task_classes[expert]].to(method.device)
         alone = method.frozen_expert_logits(batch, rows, expert)
         assert torch.allclose(routed[rows][:, cols], alone, atol=1e-5), expert
+
+
+class PlanRecorder(TaskCallback):
+    """The first-epoch training plan each stage is served (listed after the replay callback, so after it installs)."""
+
+    def __init__(self) -> None:
+        self.plans: dict[tuple[int, str], list[list[int]]] = {}
+        self.info: dict[tuple[int, str], str] = {}
+
+    def on_stage_start(self, ctx, task, stage):
+        self.plans[(task, stage.name)] = ctx.datamodule.train_plan(0)
+        self.info[(task, stage.name)] = ctx.datamodule.train_plan_info
+
+
+def test_a_task_balanced_selector_stage_leaves_the_expert_stage_its_mixed_plan(tmp_path):
+    loop = tiny_loop("dynamic_conpet", tmp_path, "callbacks.replay.balanced_stages=[selector]", num_tasks=3)
+    rec = PlanRecorder()
+    loop.callbacks.append(rec)
+    loop.run()
+    dm = loop.datamodule
+    task_of = {int(i): t for t in range(3) for i in dm.indices("train", t)}
+    for task in (1, 2):
+        selector = Counter(task_of[i] for b in rec.plans[(task, "selector")] for i in b)
+        expert = Counter(task_of[i] for b in rec.plans[(task, "expert")] for i in b)
+        assert sorted(selector) == list(range(task + 1))
+        assert max(selector.values()) - min(selector.values()) <= 1, selector
+        assert expert[task] == sum(expert.values()) // 2, expert  # ratio 1: the new task is half of every batch
+        assert "task-balanced" in rec.info[(task, "selector")] and "task-balanced" not in rec.info[(task, "expert")]
+
+
+class DistillCheck(TaskCallback):
+    """Selector states at task ends; at the first selector batch of task 3, the loss with and without distillation."""
+
+    def __init__(self) -> None:
+        self.selector_end: dict[int, dict[str, torch.Tensor]] = {}
+        self.teacher_start: dict[str, torch.Tensor] | None = None
+        self.losses: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+    def on_task_end(self, loop, task):
+        m = loop.method
+        if m.selector_head is not None:
+            self.selector_end[task] = {**m.encoder.adapter_state("selector"), "head": m.selector_head.weight.clone()}
+
+    def on_train_batch_start(self, trainer, m, batch, batch_idx):
+        if m.task != 2 or m.stage != "selector" or self.losses is not None:
+            return
+        self.teacher_start = {
+            **m.encoder.adapter_state("selector_teacher"),
+            "head": m.selector_teacher_head.weight.clone(),
+        }
+        m.eval()  # no dropout: the two losses differ only by the distillation term
+        with torch.no_grad():
+            weight = m.options.selector_distill
+            with_term = m.training_step(batch, batch_idx)
+            m.options.selector_distill = 0.0
+            without = m.training_step(batch, batch_idx)
+            m.options.selector_distill = weight
+            student = m.selector_logits(batch, trainable=True)[:, :2]
+            teacher = m.selector_teacher(batch, m.device)
+            expected = weight * soft_target_loss(student, teacher, m.options.selector_distill_temperature)
+        m.train()
+        self.losses = (with_term, without, expected)
+
+
+def test_selector_distillation_targets_the_frozen_selector_of_the_previous_task(tmp_path):
+    loop = tiny_loop("dynamic_conpet", tmp_path, "method.selector_distill=0.5", num_tasks=3)
+    check = DistillCheck()
+    loop.callbacks.append(check)
+    loop.run()
+    m = loop.method
+    assert check.teacher_start is not None and check.losses is not None
+    for key, value in check.selector_end[1].items():  # the teacher is the selector as task 2 ended...
+        assert torch.equal(check.teacher_start[key], value), key
+    assert not torch.equal(check.selector_end[2]["head"][:2], check.selector_end[1]["head"])  # ...the student moved
+    assert "selector_teacher" in m.encoder.frozen_adapters and not m.selector_teacher_head.weight.requires_grad
+    with_term, without, expected = check.losses
+    assert expected > 0 and torch.allclose(with_term - without, expected, atol=1e-5)
+    # the cached targets are the frozen teacher's outputs, recomputed now
+    batch = m.transfer_batch_to_device(next(iter(loop.datamodule.train_dataloader())), m.device, 0)
+    cached = torch.stack([m.selector_teacher.outputs[k] for k in batch["keys"] if k in m.selector_teacher.outputs])
+    assert len(cached) > 0
+    seen = [k for k in batch["keys"] if k in m.selector_teacher.outputs]
+    assert torch.allclose(cached, m._selector_teacher_outputs(_take_keys(batch, seen)).float(), atol=1e-5)
+
+
+def test_no_selector_teacher_without_distillation(dynamic_run):
+    loop, _, _ = dynamic_run
+    assert "selector_teacher" not in loop.method.encoder.adapters and loop.method.selector_teacher_head is None
+
+
+def _take_keys(batch, keys):
+    from conpet_lightning.methods.dynamic import _take
+
+    rows = torch.tensor([batch["keys"].index(k) for k in keys], device=batch["input_ids"].device)
+    return _take(batch, rows)
+
+
+class HeadStageCheck(TaskCallback):
+    """In the selector_head stage: what trains, and the selector LoRA before and after it."""
+
+    def __init__(self) -> None:
+        self.trainable: set[str] = set()
+        self.lora: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+        self.keys: set[str] = set()
+
+    def on_stage_start(self, ctx, task, stage):
+        if stage.name == "selector_head":
+            self.lora[(task, "start")] = ctx.method.encoder.adapter_state("selector")
+
+    def on_stage_end(self, ctx, task, stage):
+        if stage.name == "selector_head":
+            self.lora[(task, "end")] = ctx.method.encoder.adapter_state("selector")
+
+    def on_train_batch_start(self, trainer, m, batch, batch_idx):
+        if m.stage == "selector_head":
+            self.trainable |= {n for n, p in m.named_parameters() if p.requires_grad}
+            if m.task == 2:
+                self.keys |= set(batch["keys"])
+
+
+def test_selector_head_stage_retrains_the_head_alone_on_cached_features(tmp_path):
+    loop = tiny_loop(
+        "dynamic_conpet",
+        tmp_path,
+        "method.selector_head_epochs=1",
+        "callbacks.replay.balanced_stages=[selector_head]",
+        num_tasks=3,
+    )
+    check = HeadStageCheck()
+    loop.callbacks.append(check)
+    out = loop.run()
+    m = loop.method
+    for task in (1, 2):
+        assert list(out["per_task"][task]["stages"]) == ["selector", "selector_head", "expert"]
+        for key, value in check.lora[(task, "start")].items():
+            assert torch.equal(check.lora[(task, "end")][key], value), key
+    assert check.trainable == {"selector_head.weight", "selector_head.bias"}
+    assert set(m.selector_feature_cache.outputs) == check.keys  # one feature row per sample the stage trained on
+    shares = m.step_shares(1, [s for s in m.stages(1)])
+    assert shares is None  # selector_step_share unset: the loop splits by epochs
+    m.options.selector_step_share = 0.5
+    assert m.step_shares(1, m.stages(1)) == pytest.approx([0.5 * 4 / 5, 0.5 * 1 / 5, 0.5])
+
+
+def test_selector_options_are_checked(tmp_path):
+    for bad in ("selector_distill=-1", "selector_head_epochs=-1", "selector_distill_temperature=0"):
+        with pytest.raises(ConfigError, match=bad.split("=")[0]):
+            load_config("dynamic_conpet", [f"method.{bad}"])

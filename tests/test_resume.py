@@ -27,11 +27,24 @@ class Kill(TaskCallback):
             raise KeyboardInterrupt(f"killed at task {task + 1}")
 
 
-@pytest.mark.parametrize("experiment", ["dynamic_conpet", "emr", "eaemr_star", "crl"])
-def test_resumed_run_matches_an_uninterrupted_one(tmp_path, experiment):
-    whole = tiny_loop(experiment, tmp_path / "whole", num_tasks=3).run()
+# The selector-training options keep state across tasks (a frozen teacher copy, a feature cache, a stage of its own).
+SELECTOR_OPTIONS = (
+    "method.selector_init=from_prev_selector",
+    "method.selector_distill=1.0",
+    "method.selector_head_epochs=1",
+    "callbacks.replay.balanced_stages=[selector,selector_head]",
+)
 
-    killed = tiny_loop(experiment, tmp_path / "killed", num_tasks=3)
+
+@pytest.mark.parametrize(
+    ("experiment", "overrides"),
+    [("dynamic_conpet", ()), ("emr", ()), ("eaemr_star", ()), ("crl", ()), ("dynamic_conpet", SELECTOR_OPTIONS)],
+    ids=["dynamic_conpet", "emr", "eaemr_star", "crl", "dynamic_conpet-selector_options"],
+)
+def test_resumed_run_matches_an_uninterrupted_one(tmp_path, experiment, overrides):
+    whole = tiny_loop(experiment, tmp_path / "whole", *overrides, num_tasks=3).run()
+
+    killed = tiny_loop(experiment, tmp_path / "killed", *overrides, num_tasks=3)
     killed.callbacks.insert(0, Kill(at=2))
     with pytest.raises(KeyboardInterrupt):
         killed.run()

@@ -108,6 +108,24 @@ def test_old_slots_are_task_uniform_not_size_proportional() -> None:
     assert {i for b in plan for i in b if i < 10} == set(range(10))
 
 
+def test_task_balanced_plan_gives_every_task_the_same_share_where_the_batch_split_cannot() -> None:
+    # 10 seen tasks, batches of 8: a per-batch split at ratio 1/9 rounds the new task's slots down to none
+    pools = make_pools([300, 40, 60, 200, 35, 90, 50, 45, 70, 400])
+    owner = owner_of(pools)
+    assert DynamicReplayPolicy(policy=2, batch_limit=50, new_old_ratio=1 / 9).composition(8) == (0, 8)
+    balanced = DynamicReplayPolicy(policy=2, batch_limit=50, seed=5, task_balanced=True)
+    plan = balanced.train_plan(9, pools, 8, epoch=0)
+    assert len(plan) == 40 and all(len(b) == 8 for b in plan)
+    counts = Counter(owner[i] for b in plan for i in b)
+    assert sorted(counts) == list(range(10)) and max(counts.values()) - min(counts.values()) <= 1
+    new = [i for b in plan for i in b if owner[i] == 9]
+    assert len(new) == len(set(new))  # a pool with enough samples gives each at most once per epoch
+    assert plan == balanced.train_plan(9, pools, 8, epoch=0) and plan != balanced.train_plan(9, pools, 8, epoch=1)
+    # the default mix gives the new task half of every batch instead
+    mixed = DynamicReplayPolicy(policy=2, batch_limit=50, seed=5).train_plan(9, pools, 8, epoch=0)
+    assert sum(owner[i] == 9 for b in mixed for i in b) == 160
+
+
 def test_small_current_pool_and_empty_old_pools() -> None:
     policy = DynamicReplayPolicy(policy=2, batch_limit=20, seed=2)
     pools = [np.arange(0, 50), np.array([], dtype=np.int64), np.arange(50, 53)]  # current task has 3 < 16 new slots

@@ -157,7 +157,7 @@ class Recorder(TaskCallback):
                 hidden = m.represent(batch, adapter_names=["teacher"] * len(batch["keys"]))
                 frozen.append(m.teacher_head(hidden)[:, m.old_classes()])
                 live.append(m.logits(batch)[:, m.old_classes()])
-                cached.append(torch.stack([m.teacher_cache[k] for k in batch["keys"]]))
+                cached.append(torch.stack([m.teacher.outputs[k] for k in batch["keys"]]))
         return torch.cat(cached), torch.cat(frozen), torch.cat(live)
 
     # ---------------------------------------------------------------------------------------------------- test

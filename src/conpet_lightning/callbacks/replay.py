@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import numpy as np
@@ -32,6 +32,10 @@ class DynamicReplayOptions:
     stage); False: every stage of a task sees the same plan."""
     valid_batch_size: int | None = None
     """Validation batch size of the mixed plan (default: data.eval_batch_size; ConPET: 32)."""
+    balanced_stages: list[str] = field(default_factory=list)
+    """Stages (by name, e.g. ``[selector]``) that train on a task-balanced plan of their own: every seen task, the new
+    one included, gets the same share of the same number of batches (``DynamicReplayPolicy.task_balanced``). Empty:
+    ConPET, every stage on the new/old mix of ``new_old_ratio``."""
 
     def __post_init__(self) -> None:
         require_choice("policy", self.policy, (0, 1, 2))
@@ -55,7 +59,7 @@ class DynamicReplayCallback(TaskCallback):
         self.options = options or DynamicReplayOptions()
         self.records: dict[int, dict[str, Any]] = {}
 
-    def policy(self, seed: int) -> DynamicReplayPolicy:
+    def policy(self, seed: int, task_balanced: bool = False) -> DynamicReplayPolicy:
         """The Trainer-free sampling policy of these options, rooted at ``seed``."""
         o = self.options
         return DynamicReplayPolicy(
@@ -65,7 +69,14 @@ class DynamicReplayCallback(TaskCallback):
             new_old_ratio=o.new_old_ratio,
             resample_every_epoch=o.resample_every_epoch,
             seed=seed,
+            task_balanced=task_balanced,
         )
+
+    def describe(self, *notes: str) -> str:
+        """The plan's one-line description for metrics.json (``train_data``)."""
+        o = self.options
+        head = f"dynamic replay (policy {o.policy}, limit {o.batch_limit}, ratio {o.new_old_ratio}"
+        return ", ".join([head, *notes]) + ")"
 
     def pools(self, ctx: RunContext, part: str, task: int) -> list[np.ndarray]:
         """The stored pool: every seen task's records of ``part`` (the full history, not a memory)."""
@@ -77,10 +88,7 @@ class DynamicReplayCallback(TaskCallback):
         policy = self.policy(ctx.seed)
         train_pools, valid_pools = self.pools(ctx, "train", task), self.pools(ctx, "valid", task)
         batch_size = dm.batch_size
-        dm.set_train_plan(
-            lambda epoch: policy.train_plan(task, train_pools, batch_size, epoch),
-            f"dynamic replay (policy {o.policy}, limit {o.batch_limit}, ratio {o.new_old_ratio})",
-        )
+        dm.set_train_plan(lambda epoch: policy.train_plan(task, train_pools, batch_size, epoch), self.describe())
         if task > 0:
             dm.set_valid_plan(policy.valid_plan(task, valid_pools, o.valid_batch_size or dm.eval_batch_size))
         first = policy.train_plan(task, train_pools, batch_size, 0)
@@ -98,16 +106,18 @@ class DynamicReplayCallback(TaskCallback):
         }
 
     def on_stage_start(self, ctx: RunContext, task: int, stage: StageSpec) -> None:
-        """With ``redraw_per_stage``, a training plan of the stage's own draws (the validation plan stays fixed)."""
-        if not self.options.redraw_per_stage:
-            return
+        """A stage-drawn plan (``redraw_per_stage``, or a task-balanced stage); else the task's plan (fixed valid)."""
         o, dm = self.options, ctx.datamodule
-        policy = self.policy(stream_seed(ctx.seed, task, stage.name))
+        balanced = stage.name in o.balanced_stages
+        if not (balanced or o.redraw_per_stage or o.balanced_stages):
+            return  # the plan installed at the task's start serves every stage
         pools, batch_size = self.pools(ctx, "train", task), dm.batch_size
-        dm.set_train_plan(
-            lambda epoch: policy.train_plan(task, pools, batch_size, epoch),
-            f"dynamic replay (policy {o.policy}, limit {o.batch_limit}, ratio {o.new_old_ratio}, drawn per stage)",
-        )
+        if balanced or o.redraw_per_stage:
+            policy = self.policy(stream_seed(ctx.seed, task, stage.name), task_balanced=balanced)
+            notes = [n for n, on in (("task-balanced", balanced), ("drawn per stage", True)) if on]
+        else:  # another stage took a balanced plan before this one: serve the task's own plan again
+            policy, notes = self.policy(ctx.seed), []
+        dm.set_train_plan(lambda epoch: policy.train_plan(task, pools, batch_size, epoch), self.describe(*notes))
 
     def task_record(self, task: int) -> dict[str, Any]:
         """Replay composition of the task (first epoch) for metrics.json."""

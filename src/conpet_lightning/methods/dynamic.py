@@ -14,6 +14,7 @@ apart when the backbone has dropout, because the skipped rows no longer draw dro
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +26,7 @@ from conpet_lightning.config import ConfigError, OptionError, RunConfig, require
 from conpet_lightning.contract import Batch, FitContext, Router, StageSpec
 from conpet_lightning.data.records import Benchmark
 from conpet_lightning.methods.base import ContinualMethod
+from conpet_lightning.methods.distill import TeacherCache, soft_target_loss
 from conpet_lightning.metrics.task_accuracy import TaskAccuracy
 from conpet_lightning.models.backbone import LoadedBackbone
 from conpet_lightning.passes import eval_mode
@@ -57,6 +59,16 @@ class DynamicConPETConfig:
     """tau of logit-adjusted training (Menon et al. 2021): the selector trains on ``logits + tau * log(prior)``,
     prior = each task's share of the selector's training plan, and predicts from the raw logits. Dynamic replay
     gives the new task half of every batch, so an unadjusted selector over-routes to the newest task; 0 = ConPET."""
+    selector_distill: float = 0.0
+    """Weight of distilling the selector towards its frozen copy as the previous task ended, on the old outputs (LwF's
+    soft targets, ``selector_distill_temperature``), from the 3rd task on. With ``selector_init=from_prev_selector``
+    the selector keeps its own LoRA across tasks and its old-task outputs; 0 = ConPET (no distillation)."""
+    selector_distill_temperature: float = 2.0
+    selector_head_epochs: int = 0
+    """Epochs of a head-only stage after the selector stage (``selector_head``): the selector's LoRA frozen, its
+    features computed once per sample, the head retrained on the stage's plan. With ``callbacks.replay.balanced_stages=
+    [selector_head]`` that is balanced fine-tuning of the selector head (as in EEIL, Castro et al. 2018); its best
+    epoch is kept by validation task-id accuracy. 0 = ConPET (no such stage)."""
     shared_optimizer: bool = False
     """ConPET's LLaMA path: the selector and the expert stage share one AdamW (one LoRA slot), so the expert's LoRA
     starts with the selector's Adam moments; False: a fresh AdamW per stage. Needs ``expert_init=from_selector``."""
@@ -75,6 +87,9 @@ class DynamicConPETConfig:
         require_range("selector_step_share", self.selector_step_share, low=0.0, high=1.0, open_low=True)
         require_range("selector_grad_clip", self.selector_grad_clip, low=0, open_low=True)
         require_range("selector_logit_adjustment", self.selector_logit_adjustment, low=0)
+        require_range("selector_distill", self.selector_distill, low=0)
+        require_range("selector_distill_temperature", self.selector_distill_temperature, low=0, open_low=True)
+        require_range("selector_head_epochs", self.selector_head_epochs, low=0)
 
     def has_selector(self) -> bool:
         """True when a learned selector routes samples (a router callback must then be present)."""
@@ -83,6 +98,8 @@ class DynamicConPETConfig:
 
 INIT_SELECTOR = ("from_prev_expert", "conpet_llama", "from_prev_selector", "fresh")
 INIT_EXPERT = ("from_selector", "fresh")
+SELECTOR_STAGES = ("selector", "selector_head")
+"""Stages that train the selector (task-id targets, validated by task-id accuracy); the expert stage comes after."""
 
 
 def expert_name(task: int) -> str:
@@ -121,6 +138,11 @@ class DynamicConPET(ContinualMethod):
         self.selector_log_prior: torch.Tensor | None = None
         """log share of each task in the selector stage's training plan (for logit adjustment)."""
         self.selector_priors: dict[int, list[float]] = {}
+        self.selector_teacher_head: nn.Linear | None = None
+        """The selector head as the previous task ended (``selector_distill``); its LoRA is ``selector_teacher``."""
+        self.selector_teacher = TeacherCache(self._selector_teacher_outputs)
+        self.selector_feature_cache = TeacherCache(self.selector_features)
+        """Features under the frozen selector LoRA in the ``selector_head`` stage, by sample key."""
         self.class_index = torch.tensor([0])  # replaced in setup_task
 
     # --------------------------------------------------------------------------------------------- task lifecycle
@@ -131,17 +153,22 @@ class DynamicConPET(ContinualMethod):
         if task == 0 or not self.options.selector:
             return [expert]
         sel_epochs = self.options.selector_epochs if self.options.selector_epochs is not None else t.epochs
-        selector = StageSpec(
-            "selector", sel_epochs, monitor="val/selector_acc", grad_clip=self.options.selector_grad_clip
-        )
-        return [selector, expert]
+        clip = self.options.selector_grad_clip
+        selector = StageSpec("selector", sel_epochs, monitor="val/selector_acc", grad_clip=clip)
+        head = StageSpec("selector_head", self.options.selector_head_epochs, monitor="val/selector_acc", grad_clip=clip)
+        return [selector, head, expert] if head.epochs > 0 else [selector, expert]
 
     def step_shares(self, task: int, stages: list[StageSpec]) -> list[float] | None:
-        """``selector_step_share`` of the task's steps to the selector, the rest to the expert (when both train)."""
+        """``selector_step_share`` of the task's steps to the selector stages, the rest to the expert (when both train).
+
+        Two selector stages (``selector_head_epochs``) split their share by their epochs.
+        """
         share = self.options.selector_step_share
-        if share is None or [s.name for s in stages] != ["selector", "expert"]:
+        names = [s.name for s in stages]
+        if share is None or names[-1:] != ["expert"] or not names[:-1] or set(names[:-1]) - set(SELECTOR_STAGES):
             return None
-        return [share, 1.0 - share]
+        epochs = sum(s.epochs for s in stages[:-1])
+        return [share * s.epochs / epochs for s in stages[:-1]] + [1.0 - share]
 
     def setup_task(self, task: int) -> None:
         """Grow the selector (task >= 1) and add this task's expert adapter and head."""
@@ -158,6 +185,8 @@ class DynamicConPET(ContinualMethod):
 
     def _grow_selector(self, task: int) -> None:
         init = self.options.selector_init
+        if self.options.selector_distill > 0 and self.selector_head is not None:
+            self._freeze_selector_teacher()
         if "selector" not in self.encoder.adapters:  # task 2: ConPET's LLaMA path starts the selector fresh
             source = expert_name(task - 1) if init == "from_prev_expert" else None
             self.encoder.add_adapter("selector", init_from=source)
@@ -177,6 +206,23 @@ class DynamicConPET(ContinualMethod):
                 head.bias[: old.out_features].copy_(old.bias)
         self.selector_head = head.to(self.device)
 
+    def _freeze_selector_teacher(self) -> None:
+        """Keep the selector (LoRA and head) as it ended the previous task, frozen, as the distillation teacher."""
+        if "selector_teacher" not in self.encoder.adapters:
+            self.encoder.add_adapter("selector_teacher", init_from="selector")
+        else:
+            self.encoder.load_adapter_state("selector_teacher", self.encoder.adapter_state("selector"))
+        self.encoder.freeze_adapter("selector_teacher")
+        assert self.selector_head is not None
+        self.selector_teacher_head = copy.deepcopy(self.selector_head).requires_grad_(False)
+        self.selector_teacher.clear()
+
+    def _selector_teacher_outputs(self, batch: dict[str, Any]) -> torch.Tensor:
+        assert self.selector_teacher_head is not None
+        with eval_mode(self.encoder):
+            hidden = self.represent(batch, adapter_names=["selector_teacher"] * len(batch["keys"]))
+            return self.selector_teacher_head.to(hidden.device)(hidden)
+
     def setup_stage(self, task: int, stage: StageSpec) -> None:
         """Make exactly this stage's adapter and head trainable."""
         super().setup_stage(task, stage)
@@ -184,10 +230,11 @@ class DynamicConPET(ContinualMethod):
             p.requires_grad_(False)
         if self.selector_head is not None:
             self.selector_head.requires_grad_(False)
-        if stage.name == "selector":
-            self.encoder.activate("selector")
+        if stage.name in SELECTOR_STAGES:
+            self.encoder.activate("selector", trainable=stage.name == "selector")
             assert self.selector_head is not None
             self.selector_head.requires_grad_(True)
+            self.selector_feature_cache.clear()  # the head stage's features: the selector's LoRA as it is now
             return
         name = expert_name(task)
         if name not in self.encoder.adapters:
@@ -240,7 +287,7 @@ class DynamicConPET(ContinualMethod):
     def before_fit(self, task: int, stage: StageSpec, fit: FitContext, datamodule: Any) -> None:
         """Selector stage: measure each task's share of the training plan (the prior of logit adjustment)."""
         super().before_fit(task, stage, fit, datamodule)
-        if stage.name != "selector" or self.options.selector_logit_adjustment == 0:
+        if stage.name not in SELECTOR_STAGES or self.options.selector_logit_adjustment == 0:
             self.selector_log_prior = None
             return
         dm = datamodule
@@ -278,7 +325,7 @@ class DynamicConPET(ContinualMethod):
 
     def routing_active(self) -> bool:
         """Batches are routed from task 2 on, outside the selector stage (``contract.Routable``)."""
-        return self.task > 0 and self.stage != "selector"
+        return self.task > 0 and self.stage not in SELECTOR_STAGES
 
     def selector_logits(self, batch: dict[str, Any], trainable: bool = False) -> torch.Tensor:
         """Task scores [B, k+1]; frozen (no grad, eval mode) unless training the selector."""
@@ -402,12 +449,23 @@ class DynamicConPET(ContinualMethod):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         """Selector: task-id CE. Expert: NLL over all seen classes of the routed, assembled logits."""
         n = len(batch["keys"])
-        if self.stage == "selector":
-            logits = self.selector_logits(batch, trainable=True)
+        if self.stage in SELECTOR_STAGES:
+            if self.stage == "selector":
+                logits = self.selector_logits(batch, trainable=True)
+            else:  # head only: the frozen LoRA's features are computed once per sample
+                assert self.selector_head is not None
+                logits = self.selector_head(self.selector_feature_cache(batch, self.device))
+            adjusted = logits
             if self.selector_log_prior is not None:
                 prior = self.selector_log_prior.to(logits.device)
-                logits = logits + self.options.selector_logit_adjustment * prior
-            loss = F.cross_entropy(logits, self.selector_targets(batch))
+                adjusted = logits + self.options.selector_logit_adjustment * prior
+            loss = F.cross_entropy(adjusted, self.selector_targets(batch))
+            if self.selector_teacher_head is not None:  # the old outputs come first in the grown head
+                teacher = self.selector_teacher(batch, self.device)
+                t = self.options.selector_distill_temperature
+                distill = soft_target_loss(logits[:, : teacher.shape[1]], teacher, t)
+                self.log("train/selector_distill", distill, batch_size=n)
+                loss = loss + self.options.selector_distill * distill
         else:
             loss = self.expert_loss(batch)
         self.log(f"train/{self.stage}_loss", loss, prog_bar=True, batch_size=n)
@@ -441,7 +499,7 @@ class DynamicConPET(ContinualMethod):
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         """Selector stage: task-id accuracy; expert stage: the full pipeline's class accuracy."""
-        if self.stage == "selector":
+        if self.stage in SELECTOR_STAGES:
             pred_task = self.task_scores(batch).argmax(-1)
             self.selector_val.update(pred_task, batch["task_ids"], batch["task_ids"])
         else:
@@ -449,7 +507,7 @@ class DynamicConPET(ContinualMethod):
 
     def on_validation_epoch_end(self) -> None:
         """Log the stage's selection metric."""
-        if self.stage == "selector":
+        if self.stage in SELECTOR_STAGES:
             result = self.selector_val.compute()
             self.log("val/selector_acc", float(result["macro"]), prog_bar=True)
             self.selector_val.reset()

@@ -74,6 +74,10 @@ class DynamicReplayPolicy:
     """Root of every plan. Give each stage of a task its own seed to make their plans differ."""
     drop_last: bool = False
     """Drop the short last batch of a full-epoch plan (task 0, policy 0), e.g. so that every batch shards evenly."""
+    task_balanced: bool = False
+    """Budgeted epochs give every seen task, the new one included, the same share of the epoch's slots (within one
+    sample), e.g. for a task classifier such as the selector. The per-batch split cannot: ``new_old_ratio = 1/k``
+    rounds the new task's slots down to none once ``B / (k + 1) < 1`` (B = 8 from the 9th task on)."""
     _cache: dict[tuple, tuple[np.random.Generator, list]] = field(
         default_factory=dict, init=False, repr=False, compare=False
     )
@@ -170,6 +174,8 @@ class DynamicReplayPolicy:
         self, rng: np.random.Generator, pools: list[np.ndarray], batch_size: int, n_batches: int
     ) -> list[list[int]]:
         """Independent batches of ``new`` current-task samples and ``old`` task-balanced replayed samples."""
+        if self.task_balanced:
+            return _balanced_batches(rng, pools, batch_size, n_batches)
         current, olds = pools[-1], [p for p in pools[:-1] if len(p)]  # empty old pools are skipped
         n_new, n_old = self.composition(batch_size)
         if not olds:
@@ -192,6 +198,25 @@ class DynamicReplayPolicy:
             for b in range(n_batches):
                 plan[b, ~is_old] = current[rng.choice(len(current), n_new, replace=replace)]
         return plan.tolist()
+
+
+def _balanced_batches(
+    rng: np.random.Generator, pools: list[np.ndarray], batch_size: int, n_batches: int
+) -> list[list[int]]:
+    """``n_batches`` batches whose slots split evenly over the non-empty pools (the remainder to random pools).
+
+    Each pool's samples are drawn without replacement while it has enough, so a large new task does not repeat
+    samples within the epoch; the slots are then shuffled over the batches.
+    """
+    filled = [p for p in pools if len(p)]
+    if not filled:
+        raise ValueError("task-balanced plan: every pool is empty")
+    slots = n_batches * batch_size
+    counts = np.full(len(filled), slots // len(filled))
+    counts[rng.choice(len(filled), slots % len(filled), replace=False)] += 1
+    draws = zip(filled, counts.tolist(), strict=True)
+    items = np.concatenate([pool[rng.choice(len(pool), c, replace=c > len(pool))] for pool, c in draws])
+    return rng.permutation(items).reshape(n_batches, batch_size).tolist()
 
 
 def _epoch_batches(

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from conpet_lightning.config import RunConfig, require_range
 from conpet_lightning.contract import FitContext
 from conpet_lightning.data.records import Benchmark
+from conpet_lightning.methods.distill import TeacherCache, soft_target_loss
 from conpet_lightning.methods.shared import SharedPETConfig
 from conpet_lightning.methods.static.emr import EMRModule
 from conpet_lightning.models.backbone import LoadedBackbone
@@ -134,12 +135,13 @@ class LwFModule(EMRModule):
     def __init__(self, cfg: RunConfig, benchmark: Benchmark, backbone: LoadedBackbone) -> None:
         super().__init__(cfg, benchmark, backbone)
         self.teacher_head: torch.nn.Linear | None = None
-        self.teacher_cache: dict[str, torch.Tensor] = {}
+        self.teacher = TeacherCache(self._teacher_outputs)
+        """The previous model's old-class logits, cached by sample key within the task."""
 
     def setup_task(self, task: int) -> None:
         """From task 2 on, freeze a copy of the adapter and head as they ended the previous task."""
         super().setup_task(task)
-        self.teacher_cache.clear()
+        self.teacher.clear()
         if task == 0:
             return
         if "teacher" not in self.encoder.adapters:
@@ -153,30 +155,19 @@ class LwFModule(EMRModule):
         """Classes of the tasks before the current one."""
         return [c for t in range(self.task) for c in self.task_classes[t]]
 
-    def teacher_logits(self, batch: dict[str, Any]) -> torch.Tensor:
-        """The previous model's old-class logits, cached by sample key within the task."""
-        keys = batch["keys"]
-        missing = [i for i, k in enumerate(keys) if k not in self.teacher_cache]
-        if missing:
-            rows = torch.tensor(missing, device=batch["input_ids"].device)
-            sub = {k: v[rows] if torch.is_tensor(v) else [v[i] for i in missing] for k, v in batch.items()}
-            assert self.teacher_head is not None
-            with torch.no_grad(), eval_mode(self.encoder):
-                hidden = self.represent(sub, adapter_names=["teacher"] * len(missing))
-                out = self.teacher_head.to(hidden.device)(hidden)[:, self.old_classes()].float().cpu()
-            for j, i in enumerate(missing):
-                self.teacher_cache[keys[i]] = out[j]
-        return torch.stack([self.teacher_cache[k] for k in keys]).to(self.device)
+    def _teacher_outputs(self, batch: dict[str, Any]) -> torch.Tensor:
+        assert self.teacher_head is not None
+        with eval_mode(self.encoder):
+            hidden = self.represent(batch, adapter_names=["teacher"] * len(batch["keys"]))
+            return self.teacher_head.to(hidden.device)(hidden)[:, self.old_classes()]
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         """Cross-entropy + lambda * soft-target cross-entropy on the old classes."""
         logits = self.logits(batch)
         loss = self.classification_loss(logits, batch["labels"])
         if self.task > 0:
-            t = self.options.temperature
-            target = F.softmax(self.teacher_logits(batch) / t, dim=-1)
-            student = F.log_softmax(logits[:, self.old_classes()].float() / t, dim=-1)
-            distill = -(target * student).sum(-1).mean()
+            teacher = self.teacher(batch, self.device)
+            distill = soft_target_loss(logits[:, self.old_classes()], teacher, self.options.temperature)
             self.log("train/distill", distill, batch_size=len(batch["labels"]))
             loss = loss + self.options.lwf_lambda * distill
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["labels"]))
