@@ -17,7 +17,14 @@ import pytest
 import yaml
 
 from conpet_lightning.cli import main
-from conpet_lightning.reporting.aggregate import collect_runs, compare, describe, paired, report_aggregate
+from conpet_lightning.reporting.aggregate import (
+    collect_runs,
+    compare,
+    describe,
+    paired,
+    report_aggregate,
+    unfinished_state,
+)
 from conpet_lightning.reporting.results_page import main as results_main
 
 T2 = 4.302652729911275
@@ -107,7 +114,15 @@ def test_group_by_experiment_and_benchmark(runs_root):
     assert "fwt" not in star["metrics"]  # a metric no run has is not a row
     assert star["metrics"]["budget.train_steps"]["mean"] == pytest.approx(80.0)  # 2 tasks x 40 steps
     assert groups["emr/fewrel"]["metrics"]["acc_macro"]["n"] == 4
-    assert any("not finished" in note for note in result["notes"])
+    assert any("s400" in note and "not finished (1 of 2 tasks)" in note for note in result["notes"])
+
+
+def test_unfinished_folders_say_how_far_they_got(tmp_path):
+    assert unfinished_state(tmp_path / "never") == "not started"
+    (tmp_path / "started" / "checkpoints").mkdir(parents=True)
+    assert unfinished_state(tmp_path / "started") == "started, no task finished yet"
+    partial = make_run(tmp_path, "emr", 100, 10.0, tasks=3, done=2)
+    assert unfinished_state(partial) == "not finished (2 of 3 tasks)"
 
 
 def test_group_by_a_config_key(tmp_path):

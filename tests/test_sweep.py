@@ -171,6 +171,12 @@ def test_points_run_seed_major_so_a_stopped_sweep_holds_whole_seeds(tmp_path):
         ("joint", 200, "perm1"),
     ]
     assert [p.index for p in run_order(sweep.points)][:2] == [0, 4]  # the grid indices themselves do not move
+    # a subset (the points left after a partial sweep) still runs seed-major, even when its first point is seed 200
+    subset = [p for p in sweep.points if (p.experiment, p.seed) in {("naive", 200), ("joint", 100)}]
+    assert subset[0].seed == 200
+    ran.clear()
+    run_sweep(sweep, lanes=1, cores=2, only=[p.index for p in subset], runner=runner, echo=lambda _: None)
+    assert [seed for _, seed, _ in ran] == [100, 100, 200, 200]
 
 
 def test_dry_run_writes_nothing_and_cli_reports_failures(tmp_path, capsys):

@@ -325,14 +325,17 @@ def read_index(path: str | Path) -> list[Path]:
 Runner = Callable[[list[str], Path | None], int]
 
 
-def run_order(points: Sequence[GridPoint]) -> list[GridPoint]:
+def run_order(points: Sequence[GridPoint], grid: Sequence[GridPoint] | None = None) -> list[GridPoint]:
     """Seed-major order: every point of the first seed (and task order) runs before any point of the next.
 
     A sweep stopped half-way then holds whole seeds of every experiment, which paired comparisons can use, instead of
-    every seed of the first few experiments. Grid indices (the job-array numbering) do not change.
+    every seed of the first few experiments. Seeds and orders rank as they come in the whole ``grid`` (default:
+    ``points``), so a subset that happens to start with a later seed still runs the earlier one first. Grid indices
+    (the job-array numbering) do not change.
     """
-    seed_rank = {seed: i for i, seed in enumerate(dict.fromkeys(p.seed for p in points))}
-    order_rank = {key: i for i, key in enumerate(dict.fromkeys(repr(p.task_order) for p in points))}
+    ranked = grid if grid is not None else points
+    seed_rank = {seed: i for i, seed in enumerate(dict.fromkeys(p.seed for p in ranked))}
+    order_rank = {key: i for i, key in enumerate(dict.fromkeys(repr(p.task_order) for p in ranked))}
     return sorted(points, key=lambda p: (seed_rank[p.seed], order_rank[repr(p.task_order)], p.index))
 
 
@@ -392,7 +395,7 @@ def run_sweep(
 
     write_index(sweep, live)
     commands = {p.index: cmd for p, cmd in plan if cmd is not None}
-    jobs = [(p, commands[p.index]) for p in run_order(todo) if p.index in commands]
+    jobs = [(p, commands[p.index]) for p in run_order(todo, grid=sweep.points) if p.index in commands]
     if lanes == 1:
         for p, cmd in jobs:
             work(p, cmd)

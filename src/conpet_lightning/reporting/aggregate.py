@@ -109,6 +109,18 @@ def load_run_folder(path: str | Path, index_entry: Mapping[str, Any] | None = No
     )
 
 
+def unfinished_state(path: Path) -> str:
+    """Why a run folder is not a finished run, in words: not started, or how many tasks it finished."""
+    metrics_path = path / "metrics.json"
+    if not metrics_path.is_file():
+        return "not started" if not path.is_dir() or not any(path.iterdir()) else "started, no task finished yet"
+    try:
+        raw = json.loads(metrics_path.read_text(encoding="utf-8"))
+    except ValueError:
+        return "metrics.json does not parse"
+    return f"not finished ({len(raw.get('accuracy_matrix') or [])} of {len(raw.get('tasks') or [])} tasks)"
+
+
 def _index_entries(index_path: Path) -> Iterable[tuple[Path, Mapping[str, Any]]]:
     index = json.loads(index_path.read_text(encoding="utf-8"))
     for entry in index["points"]:
@@ -132,7 +144,7 @@ def collect_runs(paths: Sequence[str | Path]) -> tuple[list[Run], list[str]]:
         seen.add(key)
         run = load_run_folder(folder, entry)
         if run is None:
-            notes.append(f"{folder}: not finished (no metrics.json with every task); left out")
+            notes.append(f"{folder}: {unfinished_state(folder)}; left out")
         else:
             runs.append(run)
 
