@@ -217,3 +217,35 @@ def test_results_page_from_a_sweep_folder(tmp_path):
     assert "| `eaemr` † | 2 | 100, 200 |" in page
     assert "| `emr` | fewrel | 80.0 | 80-80 |" not in page and "| `emr` | fewrel | 40.0 | 40-40 | 3 |" in page
     assert "**Commit:** `" in page and "cores" in page
+
+
+def test_routing_section_reads_run_panels_and_validation_evals_only(tmp_path):
+    from conpet_lightning.reporting.aggregate import load_run_folder
+    from conpet_lightning.reporting.routing_page import routing_section
+
+    runs = []
+    for seed, task_id in [(100, 40.0), (200, 50.0)]:
+        folder = make_run(tmp_path, "dynamic_conpet", seed, 45.0)
+        metrics = json.loads((folder / "metrics.json").read_text())
+        panel = {"acc_macro": task_id, "oracle_acc_macro": 80.0, "oracle_gap_macro": 35.0, "recency_bias": 10.0}
+        metrics["per_task"][-1]["selector"] = {**panel, "passes_per_sample": 2.0}
+        (folder / "metrics.json").write_text(json.dumps(metrics))
+        for name, split, acc in [("valid-energy", "valid", 50.0 + seed / 100), ("test-energy", "test", 99.0)]:
+            ev = folder / "evals" / name
+            ev.mkdir(parents=True)
+            routed = {"router": {"name": "energy_routing"}, "summary": {"acc_macro": acc}}
+            routed["per_task"] = [{"selector": {"acc_macro": 70.0, "passes_per_sample": 3.0}}]
+            (ev / "metrics.json").write_text(json.dumps(routed))
+            (ev / "config.yaml").write_text(yaml.safe_dump({"eval": {"split": split}}))
+        runs.append(load_run_folder(folder))
+    page = "\n".join(routing_section(runs))
+    assert (
+        "| `dynamic_conpet` | fewrel | 2 | 45.00 ± 7.07 | 80.00 ± 0.00 | 35.00 ± 0.00 | 10.00 ± 0.00 | 2.00 ± 0.00 |"
+        in page
+    )
+    assert (
+        "| fewrel | `dynamic_conpet` | valid-energy † | `energy_routing` | 100, 200 | 51.50 ± 0.71 | 70.00 ± 0.00 |"
+        in page
+    )
+    assert "test-energy" not in page and "99.00" not in page  # a test-split eval is never a row to choose by
+    assert routing_section([load_run_folder(make_run(tmp_path, "emr", 100, 10.0))]) == []

@@ -123,6 +123,9 @@ def test_selector_panel_is_in_metrics(dynamic_run):
     assert panel["oracle_gap_macro"] == pytest.approx(
         panel["oracle_acc_macro"] - out["per_task"][3]["test"]["macro"], abs=1e-3
     )
+    # recency bias: the share of old-task (tasks 1-3) test samples the selector sent to the newest expert (task 4)
+    assert panel["recency_bias"] == pytest.approx(100 * confusion[:3, 3].sum().item() / confusion[:3].sum().item())
+    assert panel["passes_per_sample"] == 2.0 and panel["test_samples_per_s"] > 0
 
 
 class SkipCheck(TaskCallback):

@@ -9,6 +9,7 @@ task's expert) would reach, so the cost of learned routing is visible.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -116,6 +117,7 @@ class TopKRoutingCallback(TaskCallback):
         self.oracle = TaskAccuracy(n).to(pl_module.device)
         self.actual = TaskAccuracy(n).to(pl_module.device)
         self.confusion = MulticlassConfusionMatrix(num_classes=max(n, 2)).to(pl_module.device)  # torchmetrics: >= 2
+        self.started = time.perf_counter()
 
     def on_test_batch_end(
         self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
@@ -136,6 +138,10 @@ class TopKRoutingCallback(TaskCallback):
         sel, hit, oracle = self.sel_acc.compute(), self.hit.compute(), self.oracle.compute()
         actual = self.actual.compute()
         k = task + 1
+        seconds = time.perf_counter() - self.started
+        confusion = self.confusion.compute()[:k, :k]
+        old = confusion[:task]  # rows of old-task samples: the share sent to the newest expert is the recency bias
+        recency = round(100.0 * float(old[:, task].sum()) / float(old.sum()), 4) if task > 0 and old.sum() > 0 else None
         self.records[task] = {
             "selector": {
                 "acc_macro": round(float(sel["macro"]), 4),
@@ -143,11 +149,15 @@ class TopKRoutingCallback(TaskCallback):
                 "per_task": [round(float(v), 4) for v in torch.atleast_1d(sel["per_task"])[:k]],
                 "topk": self.options.topk,
                 "topk_hit_rate": round(float(hit["micro"]), 4),
-                "confusion": self.confusion.compute()[:k, :k].tolist(),
+                "confusion": confusion.tolist(),
+                "recency_bias": recency,
                 "oracle_acc_macro": round(float(oracle["macro"]), 4),
                 "oracle_acc_micro": round(float(oracle["micro"]), 4),
                 "oracle_gap_macro": round(float(oracle["macro"] - actual["macro"]), 4),
                 "oracle_gap_micro": round(float(oracle["micro"] - actual["micro"]), 4),
+                # one selector pass and k expert passes from task 2 on (an upper bound: expert outputs are cached)
+                "passes_per_sample": float(1 + self.options.topk) if task > 0 else 1.0,
+                "test_samples_per_s": round(float(confusion.sum()) / seconds, 2) if seconds > 0 else None,
             }
         }
 

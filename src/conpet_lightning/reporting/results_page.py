@@ -27,6 +27,7 @@ from conpet_lightning.reporting.aggregate import (
     fmt,
     fmt_p,
 )
+from conpet_lightning.reporting.routing_page import routing_section
 
 #: Summary columns of the main tables (metrics.json ``summary`` keys) and their headers.
 TABLE_METRICS = {"acc_macro": "acc_macro", "acc_micro": "acc_micro", "aia": "AIA", "forgetting": "F", "bwt": "BWT"}
@@ -349,6 +350,7 @@ def build_page(source: str | Path, repo: Path | None = None) -> str:
         *budget_table(runs),
         *results_tables(runs),
         *claims(runs),
+        *routing_section(runs),
     ]
     if notes:
         lines += ["## Left out", "", *(f"- {n}" for n in notes), ""]
