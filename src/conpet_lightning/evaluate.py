@@ -128,7 +128,7 @@ def evaluate_run(run_dir: str | Path, overrides: list[str] | None = None, name: 
             record.update(recorder.task_record(task))
         ctx.per_task.append(record)
         print(f"[conpet] eval {name}: task {task + 1}/{done}: acc_macro={record['test']['macro']:.2f}", flush=True)
-    n_test = [int(len(loop.datamodule.indices("test", t))) for t in range(done)]
+    n_test = [int(len(loop.datamodule.indices(cfg.eval.split, t))) for t in range(done)]
     square = [row[:done] for row in ctx.R]
     summary = summarize(square, n_test)
     panel = ctx.per_task[-1].get("selector") or {}
