@@ -240,7 +240,7 @@ def test_routing_section_reads_run_panels_and_validation_evals_only(tmp_path):
         runs.append(load_run_folder(folder))
     page = "\n".join(routing_section(runs))
     assert (
-        "| `dynamic_conpet` | fewrel | 2 | 45.00 ± 7.07 | 80.00 ± 0.00 | 35.00 ± 0.00 | 10.00 ± 0.00 | 2.00 ± 0.00 |"
+        "| `dynamic_conpet` | fewrel | test | 2 | 45.00 ± 7.07 | 80.00 ± 0.00 | 35.00 ± 0.00 | 10.00 ± 0.00 | 2.00"
         in page
     )
     assert (

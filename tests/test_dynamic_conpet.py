@@ -270,6 +270,9 @@ class PlanRecorder(TaskCallback):
         self.plans: dict[tuple[int, str], list[list[int]]] = {}
         self.info: dict[tuple[int, str], str] = {}
 
+    def on_task_start(self, ctx, task):
+        self.plans[(task, "task")] = ctx.datamodule.train_plan(0)
+
     def on_stage_start(self, ctx, task, stage):
         self.plans[(task, stage.name)] = ctx.datamodule.train_plan(0)
         self.info[(task, stage.name)] = ctx.datamodule.train_plan_info
@@ -288,7 +291,16 @@ def test_a_task_balanced_selector_stage_leaves_the_expert_stage_its_mixed_plan(t
         assert sorted(selector) == list(range(task + 1))
         assert max(selector.values()) - min(selector.values()) <= 1, selector
         assert expert[task] == sum(expert.values()) // 2, expert  # ratio 1: the new task is half of every batch
+        assert rec.plans[(task, "expert")] == rec.plans[(task, "task")]  # exactly the plan it has without the option
         assert "task-balanced" in rec.info[(task, "selector")] and "task-balanced" not in rec.info[(task, "expert")]
+
+
+def test_balanced_stages_must_name_stages_of_the_method_and_need_a_budget(tmp_path):
+    loop = tiny_loop("dynamic_conpet", tmp_path, "callbacks.replay.balanced_stages=[selectr]", num_tasks=2)
+    with pytest.raises(ConfigError, match=r"balanced_stages: \['selectr'\] are not stages of this method"):
+        loop.run()
+    with pytest.raises(ConfigError, match="balanced_stages"):
+        load_config("dynamic_conpet", ["callbacks.replay.policy=0", "callbacks.replay.balanced_stages=[selector]"])
 
 
 class DistillCheck(TaskCallback):

@@ -211,12 +211,14 @@ def test_a_kill_in_a_later_stage_does_not_redo_the_finished_stages_of_its_task(r
     _assert_same(resumed, references["dynamic_conpet"], out)
 
 
-def test_resume_with_a_shared_optimizer_is_exact(tmp_path):
-    """The selector's Adam moments travel with its stage weights: a kill inside the expert stage resumes exactly."""
-    shared = "method.shared_optimizer=true"
-    reference = tiny_loop("dynamic_conpet", tmp_path / "ref", EPOCHS, shared, num_tasks=NUM_TASKS)
+@pytest.mark.parametrize("head_epochs", [0, 1], ids=["selector", "selector+head"])
+def test_resume_with_a_shared_optimizer_is_exact(tmp_path, head_epochs):
+    """The selector's Adam moments travel with its stage weights: a kill inside the expert stage resumes exactly,
+    also when a selector_head stage (which carries no moments) lies between the selector and the expert."""
+    shared = ("method.shared_optimizer=true", f"method.selector_head_epochs={head_epochs}")
+    reference = tiny_loop("dynamic_conpet", tmp_path / "ref", EPOCHS, *shared, num_tasks=NUM_TASKS)
     reference.run()
-    killed = tiny_loop("dynamic_conpet", tmp_path / "k", EPOCHS, shared, num_tasks=NUM_TASKS)
+    killed = tiny_loop("dynamic_conpet", tmp_path / "k", EPOCHS, *shared, num_tasks=NUM_TASKS)
     killed.callbacks.append(KillAt(task=1, stage="expert", epoch=0))
     with pytest.raises(Killed):
         killed.run()

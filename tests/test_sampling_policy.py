@@ -121,6 +121,12 @@ def test_task_balanced_plan_gives_every_task_the_same_share_where_the_batch_spli
     new = [i for b in plan for i in b if owner[i] == 9]
     assert len(new) == len(set(new))  # a pool with enough samples gives each at most once per epoch
     assert plan == balanced.train_plan(9, pools, 8, epoch=0) and plan != balanced.train_plan(9, pools, 8, epoch=1)
+    # pools smaller than their share of the 64 slots (21 or 22 each) are served in whole passes: every sample of the
+    # 5-sample pool 4 or 5 times, of the 3-sample pool 7 or 8 times (draws with replacement would scatter the counts)
+    small = make_pools([5, 3, 200])
+    plan = DynamicReplayPolicy(policy=2, batch_limit=10, seed=1, task_balanced=True).train_plan(2, small, 8, epoch=0)
+    served = Counter(i for b in plan for i in b)
+    assert {served[int(i)] for i in small[0]} <= {4, 5} and {served[int(i)] for i in small[1]} <= {7, 8}
     # the default mix gives the new task half of every batch instead
     mixed = DynamicReplayPolicy(policy=2, batch_limit=50, seed=5).train_plan(9, pools, 8, epoch=0)
     assert sum(owner[i] == 9 for b in mixed for i in b) == 160

@@ -8,7 +8,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from conpet_lightning.callbacks.base import TaskCallback
-from conpet_lightning.config import require_choice, require_range
+from conpet_lightning.config import ConfigError, OptionError, require_choice, require_range
 from conpet_lightning.contract import RunContext, StageSpec, stream_seed
 from conpet_lightning.policies.sampling import DynamicReplayPolicy, replay_composition
 from conpet_lightning.registry import CALLBACKS
@@ -42,6 +42,8 @@ class DynamicReplayOptions:
         require_range("batch_limit", self.batch_limit, low=1)
         require_range("train_fraction", self.train_fraction, low=0.0, high=1.0, open_low=True)
         require_range("valid_batch_size", self.valid_batch_size, low=1)
+        if self.balanced_stages and self.policy == 0:
+            raise OptionError("balanced_stages", self.balanced_stages, "only with a budget (policy 1 or 2)")
 
 
 @CALLBACKS.register("dynamic_replay")
@@ -81,6 +83,16 @@ class DynamicReplayCallback(TaskCallback):
     def pools(self, ctx: RunContext, part: str, task: int) -> list[np.ndarray]:
         """The stored pool: every seen task's records of ``part`` (the full history, not a memory)."""
         return [ctx.datamodule.indices(part, t) for t in range(task + 1)]
+
+    def on_run_start(self, ctx: RunContext) -> None:
+        """A balanced stage must be one of the method's stages: a misspelt name would silently balance nothing."""
+        names = {s.name for t in range(min(2, ctx.num_tasks)) for s in ctx.method.stages(t)}
+        unknown = sorted(set(self.options.balanced_stages) - names)
+        if unknown:
+            raise ConfigError(
+                f"callbacks.replay.balanced_stages: {unknown} are not stages of this method "
+                f"(its stages: {sorted(names)})"
+            )
 
     def on_task_start(self, ctx: RunContext, task: int) -> None:
         """Install the task's training plan and fixed validation plan."""

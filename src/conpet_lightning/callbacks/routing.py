@@ -156,7 +156,7 @@ class TopKRoutingCallback(TaskCallback):
                 "oracle_gap_macro": round(float(oracle["macro"] - actual["macro"]), 4),
                 "oracle_gap_micro": round(float(oracle["micro"] - actual["micro"]), 4),
                 # one selector pass and k expert passes from task 2 on (an upper bound: expert outputs are cached)
-                "passes_per_sample": float(1 + self.options.topk) if task > 0 else 1.0,
+                "passes_per_sample": float(1 + min(self.options.topk, k)) if task > 0 else 1.0,
                 "test_samples_per_s": round(float(confusion.sum()) / seconds, 2) if seconds > 0 else None,
             }
         }

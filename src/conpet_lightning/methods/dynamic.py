@@ -208,8 +208,9 @@ class DynamicConPET(ContinualMethod):
 
     def _freeze_selector_teacher(self) -> None:
         """Keep the selector (LoRA and head) as it ended the previous task, frozen, as the distillation teacher."""
-        if "selector_teacher" not in self.encoder.adapters:
-            self.encoder.add_adapter("selector_teacher", init_from="selector")
+        if "selector_teacher" not in self.encoder.adapters:  # peft's init draws random numbers: keep the stream
+            with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+                self.encoder.add_adapter("selector_teacher", init_from="selector")
         else:
             self.encoder.load_adapter_state("selector_teacher", self.encoder.adapter_state("selector"))
         self.encoder.freeze_adapter("selector_teacher")
@@ -267,8 +268,9 @@ class DynamicConPET(ContinualMethod):
         return {"carried_moments": self.carried_moments} if self.stage == "selector" and self.carried_moments else {}
 
     def load_stage_extra_state(self, state: dict[str, Any]) -> None:
-        """Put back the carried moments of a rebuilt selector stage."""
-        self.carried_moments = dict(state.get("carried_moments", {}))
+        """Put back the carried moments of a rebuilt selector stage (other stages saved none and change nothing)."""
+        if "carried_moments" in state:
+            self.carried_moments = dict(state["carried_moments"])
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         """AdamW; with ``shared_optimizer`` the expert's LoRA starts from the selector's moments (one LoRA slot)."""
@@ -299,7 +301,8 @@ class DynamicConPET(ContinualMethod):
             targets, minlength=self.selector_head.out_features if self.selector_head else 1
         ).double()
         prior = (counts + 1) / (counts.sum() + len(counts))  # add-one smoothing: no task has a zero prior
-        self.selector_priors[self.task] = [round(float(v), 4) for v in prior]
+        if stage.name == "selector":  # the record is the selector stage's (a head stage may be balanced)
+            self.selector_priors[self.task] = [round(float(v), 4) for v in prior]
         self.selector_log_prior = prior.log().float()
 
     def task_scores(self, batch: Batch) -> torch.Tensor:
@@ -454,7 +457,8 @@ class DynamicConPET(ContinualMethod):
                 logits = self.selector_logits(batch, trainable=True)
             else:  # head only: the frozen LoRA's features are computed once per sample
                 assert self.selector_head is not None
-                logits = self.selector_head(self.selector_feature_cache(batch, self.device))
+                features = self.selector_feature_cache(batch, self.device)
+                logits = self.selector_head(features.to(self.selector_head.weight.dtype))
             adjusted = logits
             if self.selector_log_prior is not None:
                 prior = self.selector_log_prior.to(logits.device)

@@ -205,8 +205,8 @@ def _balanced_batches(
 ) -> list[list[int]]:
     """``n_batches`` batches whose slots split evenly over the non-empty pools (the remainder to random pools).
 
-    Each pool's samples are drawn without replacement while it has enough, so a large new task does not repeat
-    samples within the epoch; the slots are then shuffled over the batches.
+    A pool gives distinct samples while it has enough, and whole shuffled passes plus a remainder when it has fewer
+    samples than slots (every sample at least once); the slots are then shuffled over the batches.
     """
     filled = [p for p in pools if len(p)]
     if not filled:
@@ -214,9 +214,14 @@ def _balanced_batches(
     slots = n_batches * batch_size
     counts = np.full(len(filled), slots // len(filled))
     counts[rng.choice(len(filled), slots % len(filled), replace=False)] += 1
-    draws = zip(filled, counts.tolist(), strict=True)
-    items = np.concatenate([pool[rng.choice(len(pool), c, replace=c > len(pool))] for pool, c in draws])
+    items = np.concatenate([_cover(rng, pool, c) for pool, c in zip(filled, counts.tolist(), strict=True)])
     return rng.permutation(items).reshape(n_batches, batch_size).tolist()
+
+
+def _cover(rng: np.random.Generator, pool: np.ndarray, n: int) -> np.ndarray:
+    """``n`` items of ``pool``: whole shuffled passes while ``n`` exceeds the pool, then distinct items."""
+    passes, rest = divmod(n, len(pool))
+    return np.concatenate([*(rng.permutation(pool) for _ in range(passes)), rng.choice(pool, rest, replace=False)])
 
 
 def _epoch_batches(

@@ -40,27 +40,27 @@ def _panel(raw: Mapping[str, Any]) -> Mapping[str, Any] | None:
 
 
 def run_panel_table(runs: Sequence[Run]) -> list[str]:
-    """Mean ± std over seeds of the final test routing panel, per routed experiment and benchmark."""
-    groups: dict[tuple[str, str], list[Mapping[str, Any]]] = {}
+    """Mean ± std over seeds of the final routing panel, per routed experiment, benchmark and evaluated split."""
+    groups: dict[tuple[str, str, str], list[Mapping[str, Any]]] = {}
     for run in runs:
         panel = _panel(run.raw)
         if panel:
-            groups.setdefault((run.experiment, run.benchmark), []).append(panel)
+            groups.setdefault((run.experiment, run.benchmark, str(run.raw.get("eval_split", "test"))), []).append(panel)
     if not groups:
         return []
     lines = [
-        "### Routing of the routed runs (test split, after the last task)",
+        "### Routing of the routed runs (their own router, after the last task)",
         "",
         "Task-id accuracy is the share of test samples sent to their own task's expert; oracle acc_macro is what the "
         "same experts reach when every sample goes to its own task's expert; recency bias is the share of old-task "
         "samples sent to the newest expert.",
         "",
-        "| experiment | benchmark | runs | " + " | ".join(PANEL.values()) + " |",
-        "|---|---|---:|" + "---:|" * len(PANEL),
+        "| experiment | benchmark | split | runs | " + " | ".join(PANEL.values()) + " |",
+        "|---|---|---|---:|" + "---:|" * len(PANEL),
     ]
-    for (experiment, bench), panels in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+    for (experiment, bench, split), panels in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][0])):
         cells = [_cell([p.get(key) for p in panels]) for key in PANEL]
-        lines.append(f"| `{experiment}` | {bench} | {len(panels)} | " + " | ".join(cells) + " |")
+        lines.append(f"| `{experiment}` | {bench} | {split} | {len(panels)} | " + " | ".join(cells) + " |")
     return [*lines, ""]
 
 
