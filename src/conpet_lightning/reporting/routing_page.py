@@ -28,10 +28,13 @@ PANEL = {
 
 
 def _cell(values: Sequence[float | None]) -> str:
-    s = describe([v for v in values if v is not None])
+    """Mean ± std of the values present; ``(k of n)`` when some runs lack the metric (written by older versions)."""
+    present = [v for v in values if v is not None]
+    s = describe(present)
     if s["mean"] is None:
         return "-"
-    return f"{fmt(s['mean'])} ± {fmt(s['std'])}" if s["std"] is not None else fmt(s["mean"])
+    text = f"{fmt(s['mean'])} ± {fmt(s['std'])}" if s["std"] is not None else fmt(s["mean"])
+    return text if len(present) == len(values) else f"{text} ({len(present)} of {len(values)})"
 
 
 def _panel(raw: Mapping[str, Any]) -> Mapping[str, Any] | None:
