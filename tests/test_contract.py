@@ -134,3 +134,13 @@ def test_one_override_swaps_a_callback_for_a_preset():
     assert cfg.callbacks["routing"]["name"] == "prototype_routing"
     with pytest.raises(ConfigError, match="no such preset"):
         load_config("dynamic_conpet", ["callbacks.routing=nope"])
+    # the swapped preset's own options follow it on the same command line; the old router's options do not
+    swap = ["callbacks.routing.topk=2", "callbacks.routing=prototype", "callbacks.routing.features=backbone"]
+    cfg = load_config("dynamic_conpet", swap)
+    assert cfg.callbacks["routing"]["name"] == "prototype_routing"
+    assert cfg.callbacks["routing"]["features"] == "backbone" and "teacher_forcing" not in cfg.callbacks["routing"]
+    assert load_config("dynamic_conpet", ["callbacks.routing=prototype_backbone"]).callbacks["routing"] == dict(
+        cfg.callbacks["routing"]
+    )
+    with pytest.raises(ConfigError, match="featurs"):
+        load_config("dynamic_conpet", ["callbacks.routing=prototype", "callbacks.routing.featurs=backbone"])

@@ -7,6 +7,7 @@ Unknown or mistyped keys fail before any model is loaded, with the offending key
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -234,11 +235,7 @@ def _expand_callback_presets(cfg: DictConfig, callbacks_dir: Path) -> None:
             del cfg.callbacks[slot]
             continue
         if isinstance(entry, str):
-            path = callbacks_dir / f"{entry}.yaml"
-            if not path.is_file():
-                presets = ", ".join(sorted(p.stem for p in callbacks_dir.glob("*.yaml")))
-                raise ConfigError(f"callbacks.{slot}={entry!r}: no such preset in {callbacks_dir}; presets: {presets}")
-            cfg.callbacks[slot] = _read_yaml(path)
+            cfg.callbacks[slot] = _read_yaml(_preset_path(slot, entry, callbacks_dir))
             continue
         preset = entry.get("preset")
         if preset is None:
@@ -246,7 +243,16 @@ def _expand_callback_presets(cfg: DictConfig, callbacks_dir: Path) -> None:
                 raise ConfigError(f"callbacks.{slot}: needs 'preset' (a file in {callbacks_dir}) or 'name'")
             continue
         overrides = OmegaConf.masked_copy(entry, [k for k in entry if k != "preset"])
-        cfg.callbacks[slot] = OmegaConf.merge(_read_yaml(callbacks_dir / f"{preset}.yaml"), overrides)
+        cfg.callbacks[slot] = OmegaConf.merge(_read_yaml(_preset_path(slot, preset, callbacks_dir)), overrides)
+
+
+def _preset_path(slot: str, preset: str, callbacks_dir: Path) -> Path:
+    """The preset file of a slot, or one line naming the slot, the preset and the presets there are."""
+    path = callbacks_dir / f"{preset}.yaml"
+    if not path.is_file():
+        presets = ", ".join(sorted(p.stem for p in callbacks_dir.glob("*.yaml")))
+        raise ConfigError(f"callbacks.{slot}={preset!r}: no such preset ({path}); presets: {presets}")
+    return path
 
 
 #: Benchmark keys a scale overlay may name besides ``all``: the shipped benchmarks and ConPET's licensed sets.
@@ -365,8 +371,9 @@ def load_config(
     layers = ([_read_yaml(base)] if base.is_file() and base.resolve() != path.resolve() else []) + chain
     budgets_path = experiments_dir / BUDGETS_FILE
     budgets = _read_yaml(budgets_path) if budgets_path.is_file() else OmegaConf.create({})
+    overrides, swaps = _preset_swaps(list(overrides or []))
     try:
-        cli = OmegaConf.from_dotlist(list(overrides or []))
+        cli = OmegaConf.from_dotlist(overrides)
     except Exception as err:
         raise ConfigError(f"bad command-line override {overrides}: {_one_line(err)}") from err
     files = OmegaConf.merge(*layers)
@@ -375,10 +382,14 @@ def load_config(
     defined = {str(slot) for slot, entry in (files.get("callbacks") or {}).items() if entry is not None}
     where = str(path)
 
-    def compose(extra: DictConfig) -> RunConfig:
+    def compose(extra: DictConfig, swapped: Mapping[str, DictConfig] | None = None) -> RunConfig:
         merged = OmegaConf.merge(files, extra)
         merged = _apply_scale(merged, scales, defined, where)
         merged = OmegaConf.merge(merged, extra)  # the command line always wins over scale overlays
+        for slot, entry in (swapped or {}).items():  # a swapped preset replaces the slot, options included
+            if merged.get("callbacks") is None:
+                merged.callbacks = {}
+            merged.callbacks[slot] = entry
         merged = _resolve_budgets(merged, budgets, where)
         _expand_callback_presets(merged, callbacks_dir)
         return validate(merged)
@@ -391,7 +402,33 @@ def load_config(
             except ConfigError as err:
                 raise ConfigError(f"at scale={scale}, benchmark={bench}: {err}") from err
         _CHECKED_FILES.add(files_key)
-    return compose(cli)
+    return compose(cli, swaps)
+
+
+def _preset_swaps(overrides: list[str]) -> tuple[list[str], dict[str, DictConfig]]:
+    """Pull ``callbacks.<slot>=<preset>`` and the ``callbacks.<slot>.<key>=<value>`` after it out of a dotlist.
+
+    A dotlist cannot set a slot to a name and then a key under it, so ``callbacks.routing=prototype
+    callbacks.routing.features=backbone`` becomes one entry ``{preset: prototype, features: backbone}`` that replaces
+    the experiment's slot: options given before the swap addressed the replaced callback and are dropped with it.
+    """
+    rest: list[str] = []
+    swaps: dict[str, list[str]] = {}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        parts, value = key.strip().split("."), value.strip()
+        slot = parts[1] if len(parts) >= 2 and parts[0] == "callbacks" else None
+        if slot is not None and len(parts) == 2 and sep and value not in ("", "null", "None") and value[:1] != "{":
+            swaps[slot] = [f"preset={value}"]  # a later swap of the same slot starts over
+            rest = [r for r in rest if not r.strip().startswith(f"callbacks.{slot}.")]
+        elif slot is not None and len(parts) > 2 and slot in swaps:
+            swaps[slot].append(item.strip().removeprefix(f"callbacks.{slot}."))
+        else:
+            rest.append(item)
+    try:
+        return rest, {slot: OmegaConf.from_dotlist(items) for slot, items in swaps.items()}
+    except Exception as err:
+        raise ConfigError(f"bad command-line override {overrides}: {_one_line(err)}") from err
 
 
 _CHECKED_FILES: set[tuple[str, ...]] = set()
