@@ -12,6 +12,7 @@ from conpet_lightning.callbacks.routing import apply_teacher_forcing
 from conpet_lightning.config import ConfigError, load_config
 from conpet_lightning.methods.distill import soft_target_loss
 from conpet_lightning.methods.dynamic import expert_name
+from conpet_lightning.passes import take_rows
 from tests.helpers import tiny_loop
 
 
@@ -197,9 +198,7 @@ class OldOnlyCheck(TaskCallback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if pl_module.stage != "expert" or pl_module.task != 1 or self.loss is not None:
             return
-        from conpet_lightning.methods.dynamic import _take
-
-        old = _take(batch, (batch["task_ids"] == 0).nonzero(as_tuple=True)[0])
+        old = take_rows(batch, (batch["task_ids"] == 0).nonzero(as_tuple=True)[0])
         pl_module.zero_grad()
         loss = pl_module.expert_loss(old)
         loss.backward()
@@ -364,10 +363,8 @@ def test_no_selector_teacher_without_distillation(dynamic_run):
 
 
 def _take_keys(batch, keys):
-    from conpet_lightning.methods.dynamic import _take
-
     rows = torch.tensor([batch["keys"].index(k) for k in keys], device=batch["input_ids"].device)
-    return _take(batch, rows)
+    return take_rows(batch, rows)
 
 
 class HeadStageCheck(TaskCallback):

@@ -28,6 +28,15 @@ def eval_mode(module: torch.nn.Module) -> Iterator[None]:
         module.train(was)
 
 
+def take_rows(batch: dict[str, Any], rows: torch.Tensor) -> dict[str, Any]:
+    """The sub-batch of some rows: tensors indexed, per-sample lists filtered, anything else kept."""
+    idx = rows.tolist()
+    return {
+        n: v[rows] if torch.is_tensor(v) else [v[i] for i in idx] if isinstance(v, list) else v
+        for n, v in batch.items()
+    }
+
+
 def batch_to(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     """Move the tensors of a collated batch to ``device`` (the string keys stay)."""
     return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}

@@ -32,7 +32,7 @@ import torch
 from conpet_lightning.callbacks.base import TaskCallback
 from conpet_lightning.config import ConfigError, require_choice, require_range
 from conpet_lightning.contract import Batch, ExpertAccess, Routable, RunContext, as_capability
-from conpet_lightning.passes import encode_records
+from conpet_lightning.passes import encode_records, take_rows
 from conpet_lightning.registry import CALLBACKS
 from conpet_lightning.routing import (
     ClassStatistics,
@@ -53,15 +53,6 @@ REDUCE = ("max", "logsumexp")
 SHRINKAGE = ("rblw", "oas")
 ENERGY_KINDS = ("energy", "max_logit")
 RERANK_BASES = ("selector", "prototype")
-
-
-def _take(batch: Batch, rows: torch.Tensor) -> Batch:
-    """The sub-batch of some rows (tensors indexed, key lists filtered)."""
-    idx = rows.tolist()
-    return {
-        n: v[rows] if torch.is_tensor(v) else [v[i] for i in idx] if isinstance(v, list) else v
-        for n, v in batch.items()
-    }
 
 
 def _json(value: Any) -> Any:
@@ -141,7 +132,7 @@ class RouterCallback(TaskCallback):
             return batch["task_ids"][:, None].to(device)
         missing = [i for i, key in enumerate(keys) if key not in self.cache]
         if missing:
-            top = self.rank(method, _take(batch, torch.tensor(missing, device=device)))
+            top = self.rank(method, take_rows(batch, torch.tensor(missing, device=device)))
             for j, i in enumerate(missing):
                 self.cache[keys[i]] = top[j].cpu()
         return torch.stack([self.cache[key] for key in keys]).to(device)
@@ -476,7 +467,7 @@ class RerankRoutingCallback(RouterCallback):
         base = base[:, : len(stats)]  # only experts with statistics can be re-scored
 
         def rescore(task: int, rows: torch.Tensor) -> torch.Tensor:
-            sub = _take(batch, rows.to(batch["input_ids"].device))
+            sub = take_rows(batch, rows.to(batch["input_ids"].device))
             energy = energy_scores([method.expert_logits(sub, task)], [self.temperatures[task]])[:, 0]
             feats = method.expert_features(sub, task)
             return likelihood_ratio_score(feats, stats[task], None, energy, self.options.energy_weight)

@@ -21,6 +21,7 @@ from conpet_lightning.callbacks.base import TaskCallback
 from conpet_lightning.config import ConfigError, require_range
 from conpet_lightning.contract import Batch, Routable, RunContext, StageSpec, as_capability
 from conpet_lightning.metrics.task_accuracy import TaskAccuracy
+from conpet_lightning.passes import take_rows
 from conpet_lightning.registry import CALLBACKS
 
 
@@ -88,12 +89,7 @@ class TopKRoutingCallback(TaskCallback):
             return torch.zeros((len(keys), 1), dtype=torch.long, device=device)
         missing = [i for i, key in enumerate(keys) if key not in self.cache]
         if missing:
-            rows = torch.tensor(missing, device=device)
-            sub = {
-                n: (v[rows] if torch.is_tensor(v) else [v[i] for i in missing] if isinstance(v, list) else v)
-                for n, v in batch.items()
-            }
-            scores = method.task_scores(sub)
+            scores = method.task_scores(take_rows(batch, torch.tensor(missing, device=device)))
             top = scores.topk(min(self.options.topk, scores.shape[-1]), dim=-1).indices
             for j, i in enumerate(missing):
                 self.cache[keys[i]] = top[j].cpu()

@@ -11,6 +11,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from conpet_lightning.passes import take_rows
+
 
 def soft_target_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
     """Cross-entropy of the student's tempered softmax against the teacher's, averaged over the batch."""
@@ -38,9 +40,8 @@ class TeacherCache:
         missing = [i for i, k in enumerate(keys) if k not in self.outputs]
         if missing:
             rows = torch.tensor(missing, device=batch["input_ids"].device)
-            sub = {k: v[rows] if torch.is_tensor(v) else [v[i] for i in missing] for k, v in batch.items()}
             with torch.no_grad():
-                out = self.compute(sub).float().cpu()
+                out = self.compute(take_rows(batch, rows)).float().cpu()
             for j, i in enumerate(missing):
                 self.outputs[keys[i]] = out[j]
         return torch.stack([self.outputs[k] for k in keys]).to(device)

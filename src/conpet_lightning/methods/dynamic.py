@@ -29,7 +29,7 @@ from conpet_lightning.methods.base import ContinualMethod
 from conpet_lightning.methods.distill import TeacherCache, soft_target_loss
 from conpet_lightning.metrics.task_accuracy import TaskAccuracy
 from conpet_lightning.models.backbone import LoadedBackbone
-from conpet_lightning.passes import eval_mode
+from conpet_lightning.passes import eval_mode, take_rows
 from conpet_lightning.registry import METHODS
 from conpet_lightning.routing.scores import class_level_task_scores
 
@@ -365,7 +365,7 @@ class DynamicConPET(ContinualMethod):
             self.budget.frozen_cache_misses += len(pending)
         fresh: dict[tuple[int, str], torch.Tensor] = {}
         if pending:
-            sub = _take(batch, torch.tensor([i for _, i in pending], device=self.device))
+            sub = take_rows(batch, torch.tensor([i for _, i in pending], device=self.device))
             with torch.no_grad(), eval_mode(self.encoder):
                 hidden = self.represent(sub, adapter_names=[expert_name(e) for e, _ in pending])
                 for expert in sorted({e for e, _ in pending}):
@@ -397,7 +397,7 @@ class DynamicConPET(ContinualMethod):
             cols = self.class_index[self.task_classes[expert]].to(self.device)
             if expert == trainable:
                 if self.options.skip_frozen:
-                    values = self.expert_heads[expert](self.represent(_take(batch, rows)))
+                    values = self.expert_heads[expert](self.represent(take_rows(batch, rows)))
                 else:  # reference path: the whole batch through the trainable expert, unrouted rows discarded
                     values = self.expert_heads[expert](self.represent(batch))[rows]
             else:
@@ -524,17 +524,3 @@ class DynamicConPET(ContinualMethod):
         if task in self.selector_priors:
             record["selector_train_prior"] = self.selector_priors[task]
         return record
-
-
-def _take(batch: dict[str, Any], rows: torch.Tensor) -> dict[str, Any]:
-    """The sub-batch of the given rows (tensors indexed, key lists filtered)."""
-    idx = rows.tolist()
-    out: dict[str, Any] = {}
-    for name, value in batch.items():
-        if torch.is_tensor(value):
-            out[name] = value[rows]
-        elif isinstance(value, list):
-            out[name] = [value[i] for i in idx]
-        else:
-            out[name] = value
-    return out
