@@ -96,7 +96,7 @@ def test_a_callback_paired_with_a_method_that_lacks_its_capability_is_refused():
         ("method.selector_init=x", "method.selector_init='x'"),
         ("callbacks.replay.batch_limit=-3", "callbacks.replay.batch_limit=-3"),
         ("callbacks.routing.bogus=1", "callbacks.routing.bogus"),
-        ("method.selector=false", "callbacks.routing"),
+        ("callbacks.routing=selector method.selector=false", "callbacks.routing"),
     ],
 )
 def test_bad_options_exit_2_with_one_line_before_anything_loads(override, named, capsys, monkeypatch, tmp_path):
@@ -105,7 +105,7 @@ def test_bad_options_exit_2_with_one_line_before_anything_loads(override, named,
 
     monkeypatch.setattr(loop_module, "load_backbone", no_load)
     monkeypatch.setattr(loop_module, "load_benchmark", no_load)
-    assert main(["run", "dynamic_conpet", override, f"output_dir={tmp_path}"]) == 2
+    assert main(["run", "dynamic_conpet", *override.split(), f"output_dir={tmp_path}"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("conpet: error:") and named in err[0], err
     assert not any(tmp_path.iterdir())  # no run folder was made

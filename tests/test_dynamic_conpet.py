@@ -63,7 +63,7 @@ class Recorder(TaskCallback):
 
 @pytest.fixture(scope="module")
 def dynamic_run(tmp_path_factory):
-    loop = tiny_loop("dynamic_conpet", tmp_path_factory.mktemp("dyn"), num_tasks=4)
+    loop = tiny_loop("dynamic_conpet", tmp_path_factory.mktemp("dyn"), "callbacks.routing=selector", num_tasks=4)
     recorder = Recorder()
     loop.callbacks.append(recorder)
     out = loop.run()

@@ -15,7 +15,7 @@ from tests.helpers import tiny_loop
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
     """A tiny 3-task dynamic_conpet run with ConPET's selector."""
-    loop = tiny_loop("dynamic_conpet", tmp_path_factory.mktemp("evalrun"), num_tasks=3)
+    loop = tiny_loop("dynamic_conpet", tmp_path_factory.mktemp("evalrun"), "callbacks.routing=selector", num_tasks=3)
     return loop.run_dir, loop.run()
 
 

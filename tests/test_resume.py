@@ -38,8 +38,15 @@ SELECTOR_OPTIONS = (
 
 @pytest.mark.parametrize(
     ("experiment", "overrides"),
-    [("dynamic_conpet", ()), ("emr", ()), ("eaemr_star", ()), ("crl", ()), ("dynamic_conpet", SELECTOR_OPTIONS)],
-    ids=["dynamic_conpet", "emr", "eaemr_star", "crl", "dynamic_conpet-selector_options"],
+    [
+        ("dynamic_conpet", ()),
+        ("dynamic_conpet", ("callbacks.routing=selector",)),
+        ("emr", ()),
+        ("eaemr_star", ()),
+        ("crl", ()),
+        ("dynamic_conpet", SELECTOR_OPTIONS),
+    ],
+    ids=["dynamic_conpet", "dynamic_conpet-selector", "emr", "eaemr_star", "crl", "dynamic_conpet-selector_options"],
 )
 def test_resumed_run_matches_an_uninterrupted_one(tmp_path, experiment, overrides):
     whole = tiny_loop(experiment, tmp_path / "whole", *overrides, num_tasks=3).run()
