@@ -1,18 +1,20 @@
 """Routed test throughput: Dynamic ConPET with 10 experts against a single adapter, with and without the expert cache.
 
 One ``dynamic_conpet`` model is grown to 10 tasks (10 LoRA experts, their heads, the selector; untrained: the cost of
-a forward pass does not depend on the weights). The test set of all 10 tasks is served by the datamodule's test
-loader (length-ordered batches), and three sides are timed interleaved over the same batches:
+a forward pass does not depend on the weights); its router (the default, backbone prototypes) fits each task's
+statistics at the task's end as in a run. The test set of all 10 tasks is served by the datamodule's test loader
+(length-ordered batches), and four sides are timed interleaved over the same batches:
 
 - ``single``: one adapter and an all-class head (what a shared-LoRA method such as ``naive`` runs at test time);
-- ``routed``: the real routed path with empty caches: the frozen selector's top-1 ranking (the routing callback's
-  ``ranking``), then ``predict_from_route`` (one grouped forward per routed expert);
-- ``routed_cached``: the same, with the frozen experts' head outputs already in the method's expert cache (keyed by
-  expert and sample key; filled by an earlier test of the same samples), so only the selector runs.
+- ``routed``: the real routed path with empty caches: the run's router (``contract.Router.route``, a backbone
+  pass and the class statistics for the default), then ``predict_from_route`` (one grouped forward per routed expert);
+- ``routed_selector``: the same with ConPET's selector as the router (a selector pass instead of the backbone pass);
+- ``routed_cached``: the default router with the frozen experts' head outputs already in the method's expert cache
+  (keyed by expert and sample key; filled by an earlier test of the same samples), so only the router runs.
 
-The selector is computed and timed, but its untrained ranking would send almost every sample to one expert; the
-experts get the gold task as their route instead, which is what a trained top-1 selector approximates, so the
-batches split across experts as in a real test.
+The routers are computed and timed, but on untrained weights their choices mean nothing; the experts get the gold
+task as their route instead, which is what a good top-1 router approximates, so the batches split across experts as in
+a real test.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from typing import Any
 
 import torch
 
-from bench.common import built_loop, interleaved, median, paired_ratio, ratio_entry, size_overrides
+from bench.common import built_loop, hook_target, interleaved, median, paired_ratio, ratio_entry, size_overrides
 
 TARGET_ROUTED = 0.5
 TARGET_CACHED = 0.9
@@ -31,8 +33,9 @@ REPEATS = {"small": 3, "tiny": 3}
 CAPS: dict[str, list[str]] = {"small": [], "tiny": []}
 
 
-def grow(loop: Any, tasks: int) -> None:
-    """Give the method every task's stages (adapters, heads, selector rows) without training, then freeze them."""
+def grow(loop: Any, tasks: int, router: Any) -> None:
+    """Give the method every task's stages (adapters, heads, selector rows) without training, then freeze them; the
+    router fits each task at its end, as in a run."""
     method, dm = loop.method, loop.datamodule
     for task in range(tasks):
         dm.set_task(task, method.train_scope)
@@ -41,18 +44,21 @@ def grow(loop: Any, tasks: int) -> None:
             method.setup_stage(task, stage)
             method.end_stage(task, stage)
         method.end_task(task)
+        router.on_task_end(hook_target(loop), task)
     method.eval()
 
 
 def run(size: str = "small", threads: int = 1) -> list[dict[str, Any]]:
-    """Time the three sides; two ratio entries (routed, routed with cache) over single."""
+    """Time the four sides; three ratio entries (routed, routed by the selector, routed with cache) over single."""
     from conpet_lightning.callbacks.routing import TopKRoutingCallback
+    from conpet_lightning.contract import Router
 
     overrides = [*size_overrides(size, threads), f"data.num_tasks={EXPERTS}", *CAPS[size]]
     with built_loop("dynamic_conpet", overrides) as loop:
-        grow(loop, EXPERTS)
+        router = next(cb for cb in loop.callbacks if isinstance(cb, Router))
+        selector = TopKRoutingCallback()  # ConPET's selector: ranks by the method's frozen selector, nothing to fit
+        grow(loop, EXPERTS, router)
         method, dm = loop.method, loop.datamodule
-        routing = next(cb for cb in loop.callbacks if isinstance(cb, TopKRoutingCallback))
         batches = list(dm.test_dataloader())
         n = sum(len(b["keys"]) for b in batches)
         torch.manual_seed(0)
@@ -66,27 +72,32 @@ def run(size: str = "small", threads: int = 1) -> list[dict[str, Any]]:
                     single_head(method.represent(b)).argmax(-1)
             return time.perf_counter() - start
 
-        def routed_pass() -> float:
-            routing.cache.clear()
+        def routed_pass(by: Any) -> float:
+            by.on_task_start(hook_target(loop), EXPERTS - 1)  # forget cached routes
             start = time.perf_counter()
             with torch.no_grad():
                 for b in batches:
-                    routing.ranking(method, b)  # the frozen selector's forward, timed
+                    by.route(method, b, train=False)  # the router's own passes, timed
                     method.predict_from_route(b, b["task_ids"][:, None])
             return time.perf_counter() - start
 
         def routed() -> float:
             method.expert_cache.clear()
-            return routed_pass()
+            return routed_pass(router)
+
+        def routed_selector() -> float:
+            method.expert_cache.clear()
+            return routed_pass(selector)
 
         def routed_cached() -> float:
             if not method.expert_cache:
-                routed_pass()  # fill the cache once (untimed), as an earlier test of the same samples does
-            return routed_pass()
+                routed_pass(router)  # fill the cache once (untimed), as an earlier test of the same samples does
+            return routed_pass(router)
 
         routed_cached()  # warm-up (and cache fill) before timing
         single()
-        times = interleaved({"single": single, "routed": routed, "routed_cached": routed_cached}, REPEATS[size])
+        sides = {"single": single, "routed": routed, "routed_selector": routed_selector, "routed_cached": routed_cached}
+        times = interleaved(sides, REPEATS[size])
         experts_per_batch = [len(torch.unique(b["task_ids"])) for b in batches]
         adapters = len(method.encoder.adapters)
     rate = {k: n / median(v) for k, v in times.items()}
@@ -94,6 +105,7 @@ def run(size: str = "small", threads: int = 1) -> list[dict[str, Any]]:
         "size": size,
         "backbone": "minilm" if size == "small" else "tiny-bert",
         "experts": EXPERTS,
+        "router": loop.cfg.callbacks["routing"]["name"],
         "adapters_loaded": adapters,
         "test_samples": n,
         "eval_batch_size": loop.cfg.data.eval_batch_size,
@@ -113,8 +125,18 @@ def run(size: str = "small", threads: int = 1) -> list[dict[str, Any]]:
             paired_ratio(times, "single", "routed"),
             TARGET_ROUTED,
             ">=",
-            what=f"routed test samples/s with {EXPERTS} experts (selector + routed expert, no cache) over a single "
-            "adapter",
+            what=f"routed test samples/s with {EXPERTS} experts (the default router + routed expert, no cache) over a "
+            "single adapter",
+            conditions=conditions,
+            details=details,
+        ),
+        ratio_entry(
+            "routed_inference_selector",
+            paired_ratio(times, "single", "routed_selector"),
+            TARGET_ROUTED,
+            ">=",
+            what=f"routed test samples/s with {EXPERTS} experts routed by ConPET's selector "
+            "(callbacks.routing=selector, no cache) over a single adapter",
             conditions=conditions,
             details=details,
         ),
@@ -123,7 +145,7 @@ def run(size: str = "small", threads: int = 1) -> list[dict[str, Any]]:
             paired_ratio(times, "single", "routed_cached"),
             TARGET_CACHED,
             ">=",
-            what=f"routed test samples/s with {EXPERTS} experts, frozen experts' outputs cached (selector only), "
+            what=f"routed test samples/s with {EXPERTS} experts, frozen experts' outputs cached (the router only), "
             "over a single adapter",
             conditions=conditions,
             details=details,

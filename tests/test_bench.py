@@ -21,6 +21,7 @@ ALL_RATIOS = {
     "task_time_last_over_task2",
     "peak_memory_last_over_task1",
     "routed_inference",
+    "routed_inference_selector",
     "routed_inference_cached",
     "skip_frozen_expert_stage",
     "eval_padding",
@@ -130,7 +131,8 @@ def test_some_benchmarks_tiny(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert code == 0
     result = _only_result(tmp_path)
     names = {e["name"] for e in result["ratios"]}
-    assert names == {"eval_padding", "routed_inference", "routed_inference_cached", "skip_frozen_expert_stage"}
+    routed = {"routed_inference", "routed_inference_selector", "routed_inference_cached"}
+    assert names == {"eval_padding", *routed, "skip_frozen_expert_stage"}
     for entry in result["ratios"]:
         _check_entry(entry)
     assert result["conditions"]["note"] == "test" and result["conditions"]["torch_threads"] == 1
