@@ -198,8 +198,11 @@ class ExpertAccess(Protocol):
     def task_class_ids(self, task: int) -> list[int]:
         """Global class ids of a task, in the column order of its expert's logits."""
 
-    def backbone_features(self, batch: Batch) -> torch.Tensor:
-        """Features ``[B, d]`` of the frozen backbone without adapters."""
+    def backbone_features(self, batch: Batch, layers: int | None = None, pooling: str = "mask") -> torch.Tensor:
+        """Features ``[B, d]`` of the frozen backbone without adapters (its first ``layers`` layers; mask or mean)."""
+
+    def backbone_layers(self) -> int:
+        """Transformer layers of the backbone (``backbone_features`` may use fewer)."""
 
     def selector_features(self, batch: Batch) -> torch.Tensor:
         """Features ``[B, d]`` under the frozen selector."""

@@ -48,6 +48,7 @@ from conpet_lightning.routing import (
 )
 
 FEATURES = ("backbone", "selector", "expert")
+POOLING = ("mask", "mean")
 METRICS = ("mahalanobis", "euclidean")
 REDUCE = ("max", "logsumexp")
 SHRINKAGE = ("rblw", "oas")
@@ -195,10 +196,10 @@ class RouterCallback(TaskCallback):
 
 
 # ---------------------------------------------------------------------------------------------- fitting helpers
-def _features_fn(method: Any, features: str, task: int) -> Any:
+def _features_fn(method: Any, features: str, task: int, layers: int | None = None, pooling: str = "mask") -> Any:
     """The frozen feature extractor of a prototype space for task ``task``'s statistics."""
     if features == "backbone":
-        return method.backbone_features
+        return lambda b: method.backbone_features(b, layers, pooling)
     if features == "selector":
         # the selector exists from task 2 on; task 1's statistics use expert 1, which the selector starts from
         return method.selector_features if task > 0 else lambda b: method.expert_features(b, 0)
@@ -229,15 +230,18 @@ def validation_temperature(ctx: RunContext, task: int) -> float:
 class Prototypes:
     """Prototype statistics in one space (backbone, selector) or per expert, fitted from training data only."""
 
-    def __init__(self, features: str, shrinkage: str) -> None:
+    def __init__(self, features: str, shrinkage: str, layers: int | None = None, pooling: str = "mask") -> None:
         self.features = features
+        self.layers = layers
+        self.pooling = pooling
         self.shared: ClassStatistics | None = None
         self.per_task = TaskStatistics(shrinkage=shrinkage)
         self.shrinkage = shrinkage
 
     def fit(self, ctx: RunContext, task: int) -> None:
         """Accumulate the task's training features (statistics, not samples)."""
-        feats, labels = training_features(ctx, task, _features_fn(ctx.method, self.features, task))
+        fn = _features_fn(ctx.method, self.features, task, self.layers, self.pooling)
+        feats, labels = training_features(ctx, task, fn)
         if self.features == "expert":
             self.per_task.add_task(feats.shape[1]).update(feats, labels)
             return
@@ -284,9 +288,19 @@ class PrototypeRoutingOptions:
     """features=expert: score by Gaussian log-likelihood (adds -1/2 log det of each expert's covariance), so spaces
     of different volume compare."""
     topk: int = 1
+    layers: int | None = None
+    """features=backbone: features from the backbone's first ``layers`` transformer layers only (the rest is not
+    computed, so routing costs that fraction of a pass); None: all layers."""
+    pooling: str = "mask"
+    """features=backbone: the hidden state at the mask token (mask) or the mean over the real tokens (mean)."""
 
     def __post_init__(self) -> None:
         require_choice("features", self.features, FEATURES)
+        require_choice("pooling", self.pooling, POOLING)
+        if self.layers is not None:
+            require_range("layers", self.layers, low=1)
+        if (self.layers is not None or self.pooling != "mask") and self.features != "backbone":
+            raise ConfigError("layers and pooling apply to features=backbone only")
         require_choice("metric", self.metric, METRICS)
         require_choice("reduce", self.reduce, REDUCE)
         require_choice("shrinkage", self.shrinkage, SHRINKAGE)
@@ -307,7 +321,17 @@ class PrototypeRoutingCallback(RouterCallback):
 
     def __init__(self, options: PrototypeRoutingOptions | None = None) -> None:
         super().__init__(options or PrototypeRoutingOptions())
-        self.prototypes = Prototypes(self.options.features, self.options.shrinkage)
+        o = self.options
+        self.prototypes = Prototypes(o.features, o.shrinkage, o.layers, o.pooling)
+        self.pass_share = 1.0
+
+    def on_run_start(self, ctx: RunContext) -> None:
+        """Become the router; ``layers`` must fit the backbone."""
+        super().on_run_start(ctx)
+        total = ctx.method.backbone_layers()
+        if self.options.layers is not None and self.options.layers > total:
+            raise ConfigError(f"callbacks.routing.layers={self.options.layers}: the backbone has {total} layers")
+        self.pass_share = 1.0 if self.options.layers is None else self.options.layers / total
 
     def fit_task(self, ctx: RunContext, task: int) -> None:
         """Statistics of the task's training features."""
@@ -321,7 +345,10 @@ class PrototypeRoutingCallback(RouterCallback):
             feats = [method.expert_features(batch, t) for t in range(len(stats))]
             return per_expert_mahalanobis_scores(feats, stats, loglik=o.loglik)
         assert p.shared is not None
-        f = method.backbone_features(batch) if p.features == "backbone" else method.selector_features(batch)
+        if p.features == "backbone":
+            f = method.backbone_features(batch, o.layers, o.pooling)
+        else:
+            f = method.selector_features(batch)
         return mahalanobis_task_scores(f, p.shared.finalize(), self.class_to_task, o.metric, o.reduce)
 
     def rank(self, method: Any, batch: Batch) -> torch.Tensor:
@@ -330,8 +357,8 @@ class PrototypeRoutingCallback(RouterCallback):
         return s.topk(min(self.options.topk, s.shape[1]), dim=1).indices.to(batch["input_ids"].device)
 
     def router_passes(self, seen: int) -> float:
-        """One pass in a shared space, one per expert otherwise."""
-        return float(seen if self.options.features == "expert" else 1)
+        """One pass in a shared space (the share of layers computed), one per expert otherwise."""
+        return float(seen if self.options.features == "expert" else self.pass_share)
 
     def state_dict(self) -> dict[str, Any]:
         """The statistics (not samples), for a checkpoint."""

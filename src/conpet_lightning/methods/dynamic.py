@@ -428,10 +428,19 @@ class DynamicConPET(ContinualMethod):
         """Global class ids of a task, in the column order of its expert head (``contract.ExpertAccess``)."""
         return list(self.task_classes[task])
 
-    def backbone_features(self, batch: Batch) -> torch.Tensor:
-        """Mask hidden state of the frozen backbone without any adapter ``[B, H]`` (``contract.ExpertAccess``)."""
-        with torch.no_grad(), eval_mode(self.encoder), self.encoder.model.disable_adapter():
-            return self.represent(batch).float()
+    def backbone_features(self, batch: Batch, layers: int | None = None, pooling: str = "mask") -> torch.Tensor:
+        """Frozen backbone features without any adapter ``[B, H]`` (``contract.ExpertAccess``).
+
+        The mask hidden state of the last layer, or of the first ``layers`` layers, or their mean over real tokens.
+        """
+        with torch.no_grad(), eval_mode(self.encoder):
+            return self.encoder.backbone_states(
+                batch["input_ids"], batch["attention_mask"], batch["mask_pos"], layers=layers, pooling=pooling
+            ).float()
+
+    def backbone_layers(self) -> int:
+        """Transformer layers of the backbone (``contract.ExpertAccess``)."""
+        return self.encoder.num_layers()
 
     def selector_features(self, batch: Batch) -> torch.Tensor:
         """Mask hidden state under the selector's LoRA ``[B, H]``, frozen (``contract.ExpertAccess``)."""

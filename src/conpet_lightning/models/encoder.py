@@ -6,6 +6,7 @@ backbone. Switching is ``set_adapter``, never a merge into the base weights, so 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections.abc import Iterator
 
@@ -173,5 +174,63 @@ class MaskEncoder(torch.nn.Module):
                 self._check(name)
             kwargs["adapter_names"] = list(adapter_names)
         hidden = self.model(**kwargs).last_hidden_state
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
+        return hidden[rows, mask_pos.to(hidden.device)]
+
+    # ------------------------------------------------------------------------------------------ frozen backbone
+    def num_layers(self) -> int:
+        """Transformer layers of the backbone."""
+        return len(self._layer_list())
+
+    def _layer_list(self) -> torch.nn.ModuleList:
+        """The backbone's stack of transformer layers (BERT ``encoder.layer``, LLaMA ``layers``).
+
+        It is the one ModuleList as long as ``config.num_hidden_layers``.
+        """
+        base = self.model.get_base_model()
+        n = int(base.config.num_hidden_layers)
+        for module in base.modules():
+            if isinstance(module, torch.nn.ModuleList) and len(module) == n:
+                return module
+        raise ValueError(f"no stack of {n} layers found in {type(base).__name__}")
+
+    @contextlib.contextmanager
+    def _first_layers(self, layers: int | None) -> Iterator[None]:
+        """Run only the first ``layers`` transformer layers inside the block (all of them with None)."""
+        if layers is None:
+            yield
+            return
+        stack = self._layer_list()
+        if not 1 <= layers <= len(stack):
+            raise ValueError(f"layers must be in 1..{len(stack)}, got {layers}")
+        kept = list(stack)
+        del stack[layers:]
+        try:
+            yield
+        finally:
+            stack.extend(kept[layers:])
+
+    def backbone_states(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        mask_pos: torch.Tensor,
+        layers: int | None = None,
+        pooling: str = "mask",
+    ) -> torch.Tensor:
+        """Features ``[B, H]`` of the frozen backbone without any adapter, from its first ``layers`` layers only.
+
+        The later layers are not computed. The features are the hidden state at ``mask_pos`` or the mean over real
+        tokens; a LLaMA-style model applies its final norm to layer ``layers``'s output, as it does to the last.
+        Why: a router's features need not come from the last layer; fewer layers make routing cheaper.
+        """
+        kwargs: dict[str, object] = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if self.is_decoder:
+            kwargs["use_cache"] = False
+        with self.model.disable_adapter(), self._first_layers(layers):
+            hidden = self.model(**kwargs).last_hidden_state
+        if pooling == "mean":
+            weights = attention_mask.to(hidden.device, torch.float32).unsqueeze(-1)
+            return (hidden.float() * weights).sum(1) / weights.sum(1).clamp_min(1)
         rows = torch.arange(hidden.shape[0], device=hidden.device)
         return hidden[rows, mask_pos.to(hidden.device)]
