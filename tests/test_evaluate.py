@@ -48,6 +48,16 @@ def test_eval_with_another_router_writes_its_own_eval(finished_run):
     assert "prototype_routing" in (folder / "config.yaml").read_text()
 
 
+def test_eval_takes_overrides_after_its_name_option(finished_run, capsys):
+    run_dir, _ = finished_run
+    assert main(["eval", str(run_dir), "--name", "named", "callbacks.routing=prototype_backbone"]) == 0
+    out = json.loads((run_dir / "evals" / "named" / "metrics.json").read_text())
+    assert out["router"]["name"] == "prototype_routing" and out["router"]["features"] == "backbone"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["eval", str(run_dir), "--name", "x", "--bogus"])
+    assert exit_info.value.code == 2 and "unrecognized arguments: --bogus" in capsys.readouterr().err
+
+
 def test_eval_refuses_training_keys_and_unknown_presets(finished_run):
     run_dir, _ = finished_run
     with pytest.raises(ConfigError, match="not allowed"):

@@ -319,7 +319,14 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("WANDB_MODE", "offline")
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # key=value overrides may follow an option (conpet eval RUN --name X key=value): argparse leaves them over
+    args, extra = parser.parse_known_args(argv)
+    overrides = vars(args).get("overrides")
+    if extra:
+        if overrides is None or any(e.startswith("-") or "=" not in e for e in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*overrides, *extra]
     try:
         return int(args.func(args))
     except USER_ERRORS as err:
