@@ -215,6 +215,8 @@ def test_results_page_from_a_sweep_folder(tmp_path):
     assert "`dynamic_conpet` beats `emr_star` holds at this scale" in page
     assert "| `emr_star` | 3 | 100, 200, 300 | 20.00 ± 10.00 |" in page  # the fewrel table, with its seeds
     assert "| `eaemr` † | 2 | 100, 200 |" in page
+    # a row with fewer seeds states its cost against the rows with enough seeds
+    assert "- `eaemr` (fewrel): 2 seed(s); 40.0 steps per task on average against 40.0 for the experiments" in page
     assert "| `emr` | fewrel | 80.0 | 80-80 |" not in page and "| `emr` | fewrel | 40.0 | 40-40 | 3 |" in page
     assert "**Commit:** `" in page and "cores" in page
 

@@ -141,6 +141,29 @@ def conditions(runs: Sequence[Run], source: str, repo: Path) -> list[str]:
     ]
 
 
+def _steps_per_task(runs: Sequence[Run]) -> list[float]:
+    """Optimizer steps of every task of the runs (all stages summed)."""
+    return [sum(stages) for r in runs for stages in _stage_values(r, "steps") if stages]
+
+
+def _few_seed_costs(runs: Sequence[Run], few: Sequence[tuple[str, str, int]]) -> list[str]:
+    """For each row with fewer seeds: its steps per task against those of the rows with enough seeds (its cost)."""
+    lines = []
+    for bench, experiment, n in few:
+        on_bench = [r for r in runs if r.benchmark == bench]
+        seeds = {e: {r.seed for r in on_bench if r.experiment == e} for e in {r.experiment for r in on_bench}}
+        own = _steps_per_task([r for r in on_bench if r.experiment == experiment])
+        full = _steps_per_task([r for r in on_bench if len(seeds[r.experiment]) >= MIN_PAIRS])
+        if not own or not full:
+            continue
+        mine, theirs = sum(own) / len(own), sum(full) / len(full)
+        lines.append(
+            f"- `{experiment}` ({bench}): {n} seed(s); {fmt(mine, 1)} steps per task on average against "
+            f"{fmt(theirs, 1)} for the experiments with {MIN_PAIRS} or more seeds ({fmt(mine / theirs, 1)}x)."
+        )
+    return lines
+
+
 def budget_table(runs: Sequence[Run]) -> list[str]:
     """Optimizer steps per task (summed over stages, mean over tasks and runs) and training seconds per method."""
     lines = [
@@ -159,7 +182,7 @@ def budget_table(runs: Sequence[Run]) -> list[str]:
             for r in runs
             if r.experiment == group["group"]["experiment"] and r.benchmark == group["group"]["benchmark"]
         ]
-        per_task = [sum(stages) for r in members for stages in _stage_values(r, "steps") if stages]
+        per_task = _steps_per_task(members)
         if not per_task:
             continue
         seconds = group["metrics"].get("budget.train_seconds", {}).get("mean")
@@ -175,7 +198,7 @@ def results_tables(runs: Sequence[Run]) -> list[str]:
     """Mean ± std of the summary metrics per experiment, one table per benchmark, with the seeds behind each row."""
     groups = aggregate(runs, ["experiment", "benchmark"])
     lines = ["## Results (mean ± std over seeds and task orders)", ""]
-    few = False
+    few: list[tuple[str, str, int]] = []
     for bench in dict.fromkeys(g["group"]["benchmark"] for g in groups):
         lines += [f"### {bench}", "", "| experiment | runs | seeds | " + " | ".join(TABLE_METRICS.values()) + " |"]
         lines.append("|---|---:|---|" + "---:|" * len(TABLE_METRICS))
@@ -186,7 +209,8 @@ def results_tables(runs: Sequence[Run]) -> list[str]:
                 cells.append("-" if s is None else f"{fmt(s['mean'])} ± {fmt(s['std'])}")
             mark = ""
             if len(g["seeds"]) < MIN_PAIRS:
-                few, mark = True, " †"
+                few.append((bench, g["group"]["experiment"], len(g["seeds"])))
+                mark = " †"
             seeds = ", ".join(map(str, g["seeds"]))
             lines.append(
                 f"| `{g['group']['experiment']}`{mark} | {g['n_runs']} | {seeds} | " + " | ".join(cells) + " |"
@@ -194,6 +218,7 @@ def results_tables(runs: Sequence[Run]) -> list[str]:
         lines.append("")
     if few:
         lines += [f"† fewer than {MIN_PAIRS} seeds: its spread is not an estimate; it takes part in no claim.", ""]
+        lines += [*_few_seed_costs(runs, few), ""]
     return lines
 
 
