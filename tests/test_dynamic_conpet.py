@@ -309,6 +309,7 @@ class DistillCheck(TaskCallback):
         self.selector_end: dict[int, dict[str, torch.Tensor]] = {}
         self.teacher_start: dict[str, torch.Tensor] | None = None
         self.losses: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self.first_keys: list[str] = []
 
     def on_task_end(self, loop, task):
         m = loop.method
@@ -322,6 +323,7 @@ class DistillCheck(TaskCallback):
             **m.encoder.adapter_state("selector_teacher"),
             "head": m.selector_teacher_head.weight.clone(),
         }
+        self.first_keys = list(batch["keys"])
         m.eval()  # no dropout: the two losses differ only by the distillation term
         with torch.no_grad():
             weight = m.options.selector_distill
@@ -340,8 +342,14 @@ def test_selector_distillation_targets_the_frozen_selector_of_the_previous_task(
     loop = tiny_loop("dynamic_conpet", tmp_path, "method.selector_distill=0.5", num_tasks=3)
     check = DistillCheck()
     loop.callbacks.append(check)
-    loop.run()
+    out = loop.run()
     m = loop.method
+    # the teacher's forwards are in the selector stage's budget: every row computed (a sample drawn twice into one
+    # batch is computed twice) or served by the cache. The test's own two training steps above count two batches more.
+    budget = out["per_task"][2]["stages"]["selector"]["budget"]
+    batch_rows = len(check.first_keys)
+    assert budget["frozen_cache_misses"] >= len(m.selector_teacher.outputs) > 0 and budget["frozen_cache_hits"] > 0
+    assert budget["frozen_cache_hits"] + budget["frozen_cache_misses"] == budget["samples_trainable"] + 2 * batch_rows
     assert check.teacher_start is not None and check.losses is not None
     for key, value in check.selector_end[1].items():  # the teacher is the selector as task 2 ended...
         assert torch.equal(check.teacher_start[key], value), key
@@ -408,6 +416,10 @@ def test_selector_head_stage_retrains_the_head_alone_on_cached_features(tmp_path
             assert torch.equal(check.lora[(task, "end")][key], value), key
     assert check.trainable == {"selector_head.weight", "selector_head.bias"}
     assert set(m.selector_feature_cache.outputs) == check.keys  # one feature row per sample the stage trained on
+    # the budget counts the frozen selector's forwards: one per sample computed, the rest served from the cache
+    budget = out["per_task"][2]["stages"]["selector_head"]["budget"]
+    assert budget["frozen_cache_misses"] == len(check.keys) > 0
+    assert budget["frozen_cache_hits"] + budget["frozen_cache_misses"] == budget["samples_trainable"]
     shares = m.step_shares(1, [s for s in m.stages(1)])
     assert shares is None  # selector_step_share unset: the loop splits by epochs
     m.options.selector_step_share = 0.5

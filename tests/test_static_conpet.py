@@ -491,7 +491,11 @@ def test_ewc_penalty_is_zero_at_the_anchor_and_grows_away_from_it(runs):
 
 
 def test_lwf_distils_from_a_frozen_copy_of_the_previous_model(runs):
-    loop, rec, _ = runs("lwf")
+    loop, rec, saved = runs("lwf")
+    for t in (1, 2):  # the teacher's forwards are in the budget: each training row computed or served from the cache
+        (budget,) = [stage["budget"] for stage in saved["per_task"][t]["stages"].values()]
+        assert budget["frozen_cache_misses"] > 0
+        assert budget["frozen_cache_hits"] + budget["frozen_cache_misses"] == budget["samples_trainable"]
     for k in (1, 2):
         start, end, before = rec.at_start[k], rec.at_end[k], rec.at_end[k - 1]
         assert same(start["teacher"], before["shared"]) and same(start["teacher_head"], before["head"])

@@ -103,7 +103,8 @@ class StageBudget:
 
     ``samples_trainable`` went through trainable parameters (forward and backward); ``samples_frozen_only`` were in a
     batch but passed frozen modules only (Dynamic ConPET's replayed samples routed to frozen experts, skipped from the
-    trainable pass); frozen forwards of those samples are served from the cache (hits) or computed (misses).
+    trainable pass). Frozen forwards (frozen experts' outputs, a distillation teacher's outputs, a head-only stage's
+    features) are served from a cache (hits) or computed (misses).
     """
 
     steps: int = 0

@@ -24,6 +24,7 @@ from conpet_lightning.contract import (
     stream_seed,
 )
 from conpet_lightning.data.records import Benchmark
+from conpet_lightning.methods.distill import TeacherCache
 from conpet_lightning.metrics.task_accuracy import TaskAccuracy
 from conpet_lightning.models.backbone import LoadedBackbone
 from conpet_lightning.models.encoder import MaskEncoder
@@ -129,6 +130,14 @@ class ContinualMethod(L.LightningModule, ABC):
         self.budget.samples_trainable += len(batch["keys"]) - frozen
         self.budget.samples_frozen_only += frozen
         self.budget.tokens += int(batch["attention_mask"].sum())
+
+    def count_frozen(self, cache: TeacherCache) -> None:
+        """Count a training batch's frozen forwards through ``cache`` into the stage's budget.
+
+        A teacher's outputs or a frozen module's features: served rows are hits, computed rows are misses.
+        """
+        self.budget.frozen_cache_hits += cache.last_hits
+        self.budget.frozen_cache_misses += cache.last_misses
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         """Every optimizer step draws from its own random stream (dropout, sampled contrast sets).

@@ -29,6 +29,9 @@ class TeacherCache:
     def __init__(self, compute: Callable[[dict[str, Any]], torch.Tensor]) -> None:
         self.compute = compute
         self.outputs: dict[str, torch.Tensor] = {}
+        self.last_hits = 0
+        self.last_misses = 0
+        """Rows of the last call served from the cache and computed (a training budget counts them)."""
 
     def clear(self) -> None:
         """Forget every output (the teacher changed)."""
@@ -38,6 +41,7 @@ class TeacherCache:
         """The teacher's outputs for the batch's samples ``[B, ...]`` on ``device``; only unseen keys are computed."""
         keys = batch["keys"]
         missing = [i for i, k in enumerate(keys) if k not in self.outputs]
+        self.last_hits, self.last_misses = len(keys) - len(missing), len(missing)
         if missing:
             rows = torch.tensor(missing, device=batch["input_ids"].device)
             with torch.no_grad():

@@ -467,6 +467,7 @@ class DynamicConPET(ContinualMethod):
             else:  # head only: the frozen LoRA's features are computed once per sample
                 assert self.selector_head is not None
                 features = self.selector_feature_cache(batch, self.device)
+                self.count_frozen(self.selector_feature_cache)
                 logits = self.selector_head(features.to(self.selector_head.weight.dtype))
             adjusted = logits
             if self.selector_log_prior is not None:
@@ -475,6 +476,7 @@ class DynamicConPET(ContinualMethod):
             loss = F.cross_entropy(adjusted, self.selector_targets(batch))
             if self.selector_teacher_head is not None:  # the old outputs come first in the grown head
                 teacher = self.selector_teacher(batch, self.device)
+                self.count_frozen(self.selector_teacher)
                 t = self.options.selector_distill_temperature
                 distill = soft_target_loss(logits[:, : teacher.shape[1]], teacher, t)
                 self.log("train/selector_distill", distill, batch_size=n)

@@ -167,6 +167,7 @@ class LwFModule(EMRModule):
         loss = self.classification_loss(logits, batch["labels"])
         if self.task > 0:
             teacher = self.teacher(batch, self.device)
+            self.count_frozen(self.teacher)
             distill = soft_target_loss(logits[:, self.old_classes()], teacher, self.options.temperature)
             self.log("train/distill", distill, batch_size=len(batch["labels"]))
             loss = loss + self.options.lwf_lambda * distill
