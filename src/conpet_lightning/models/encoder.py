@@ -162,9 +162,6 @@ class MaskEncoder(torch.nn.Module):
         Raises:
             ValueError: ``adapter_names`` in training mode or of the wrong length.
         """
-        kwargs: dict[str, object] = {"input_ids": input_ids, "attention_mask": attention_mask}
-        if self.is_decoder:
-            kwargs["use_cache"] = False  # a KV cache is useless for one forward pass
         if adapter_names is not None:
             if self.training or self.model.training:
                 raise ValueError("per-sample adapter_names works only in eval mode (peft); call encoder.eval()")
@@ -172,10 +169,18 @@ class MaskEncoder(torch.nn.Module):
                 raise ValueError(f"adapter_names has {len(adapter_names)} entries for a batch of {input_ids.shape[0]}")
             for name in set(adapter_names):
                 self._check(name)
+        return _at_mask(self._last_hidden(input_ids, attention_mask, adapter_names), mask_pos)
+
+    def _last_hidden(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, adapter_names: list[str] | None = None
+    ) -> torch.Tensor:
+        """The model's last hidden state ``[B, T, H]`` (per-row adapters when named)."""
+        kwargs: dict[str, object] = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if self.is_decoder:
+            kwargs["use_cache"] = False  # a KV cache is useless for one forward pass
+        if adapter_names is not None:
             kwargs["adapter_names"] = list(adapter_names)
-        hidden = self.model(**kwargs).last_hidden_state
-        rows = torch.arange(hidden.shape[0], device=hidden.device)
-        return hidden[rows, mask_pos.to(hidden.device)]
+        return self.model(**kwargs).last_hidden_state
 
     # ------------------------------------------------------------------------------------------ frozen backbone
     def num_layers(self) -> int:
@@ -224,13 +229,15 @@ class MaskEncoder(torch.nn.Module):
         tokens; a LLaMA-style model applies its final norm to layer ``layers``'s output, as it does to the last.
         Why: a router's features need not come from the last layer; fewer layers make routing cheaper.
         """
-        kwargs: dict[str, object] = {"input_ids": input_ids, "attention_mask": attention_mask}
-        if self.is_decoder:
-            kwargs["use_cache"] = False
         with self.model.disable_adapter(), self._first_layers(layers):
-            hidden = self.model(**kwargs).last_hidden_state
+            hidden = self._last_hidden(input_ids, attention_mask)
         if pooling == "mean":
             weights = attention_mask.to(hidden.device, torch.float32).unsqueeze(-1)
             return (hidden.float() * weights).sum(1) / weights.sum(1).clamp_min(1)
-        rows = torch.arange(hidden.shape[0], device=hidden.device)
-        return hidden[rows, mask_pos.to(hidden.device)]
+        return _at_mask(hidden, mask_pos)
+
+
+def _at_mask(hidden: torch.Tensor, mask_pos: torch.Tensor) -> torch.Tensor:
+    """Each row's hidden state ``[B, H]`` at its mask position."""
+    rows = torch.arange(hidden.shape[0], device=hidden.device)
+    return hidden[rows, mask_pos.to(hidden.device)]

@@ -151,9 +151,9 @@ def _few_seed_costs(runs: Sequence[Run], few: Sequence[tuple[str, str, int]]) ->
     lines = []
     for bench, experiment, n in few:
         on_bench = [r for r in runs if r.benchmark == bench]
-        seeds = {e: {r.seed for r in on_bench if r.experiment == e} for e in {r.experiment for r in on_bench}}
+        fewer = {e for b, e, _ in few if b == bench}
         own = _steps_per_task([r for r in on_bench if r.experiment == experiment])
-        full = _steps_per_task([r for r in on_bench if len(seeds[r.experiment]) >= MIN_PAIRS])
+        full = _steps_per_task([r for r in on_bench if r.experiment not in fewer])
         if not own or not full:
             continue
         mine, theirs = sum(own) / len(own), sum(full) / len(full)
