@@ -41,6 +41,7 @@ from conpet_lightning.data.records import Benchmark
 from conpet_lightning.methods.base import ContinualMethod
 from conpet_lightning.metrics import summarize
 from conpet_lightning.models.backbone import load_backbone
+from conpet_lightning.native_memory import release_free_heap
 from conpet_lightning.paths import in_project
 from conpet_lightning.registry import CALLBACKS, METHODS
 from conpet_lightning.reporting.wandb_logger import RunWandbLogger, build_wandb_logger
@@ -347,6 +348,7 @@ class TaskLoop:
         trainer = self.make_trainer(task, None)
         start = time.perf_counter()
         trainer.test(self.method, datamodule=self.datamodule, verbose=False)
+        release_free_heap()
         return {**self.metrics.last, "seconds": round(time.perf_counter() - start, 3)}
 
     # -------------------------------------------------------------------------------------------------- the run
@@ -413,6 +415,7 @@ class TaskLoop:
             self.method.end_stage(task, stage)
             for cb in self.callbacks:
                 cb.on_stage_end(self.ctx, task, stage)
+            release_free_heap()
         self.method.end_task(task)
         for cb in self.callbacks:
             cb.on_task_end(self.ctx, task)
