@@ -3,12 +3,14 @@
 One ``dynamic_conpet`` model is grown to 10 tasks (10 LoRA experts, their heads, the selector; untrained: the cost of
 a forward pass does not depend on the weights); its router (the default, backbone prototypes) fits each task's
 statistics at the task's end as in a run. The test set of all 10 tasks is served by the datamodule's test loader
-(length-ordered batches), and four sides are timed interleaved over the same batches:
+(length-ordered batches), and five sides are timed interleaved over the same batches:
 
 - ``single``: one adapter and an all-class head (what a shared-LoRA method such as ``naive`` runs at test time);
 - ``routed``: the real routed path with empty caches: the run's router (``contract.Router.route``, a backbone
   pass and the class statistics for the default), then ``predict_from_route`` (one grouped forward per routed expert);
 - ``routed_selector``: the same with ConPET's selector as the router (a selector pass instead of the backbone pass);
+- ``routed_shallow``: the same routed by backbone prototypes from the first 2/3 of the layers (the
+  ``prototype_backbone_shallow`` preset: 2/3 of a pass instead of one);
 - ``routed_cached``: the default router with the frozen experts' head outputs already in the method's expert cache
   (keyed by expert and sample key; filled by an earlier test of the same samples), so only the router runs.
 
@@ -28,14 +30,15 @@ from bench.common import built_loop, hook_target, interleaved, median, paired_ra
 
 TARGET_ROUTED = 0.5
 TARGET_CACHED = 0.9
+SHALLOW_PRESET = "prototype_backbone_shallow"
 EXPERTS = 10
 REPEATS = {"small": 3, "tiny": 3}
 CAPS: dict[str, list[str]] = {"small": [], "tiny": []}
 
 
-def grow(loop: Any, tasks: int, router: Any) -> None:
+def grow(loop: Any, tasks: int, *routers: Any) -> None:
     """Give the method every task's stages (adapters, heads, selector rows) without training, then freeze them; the
-    router fits each task at its end, as in a run."""
+    routers fit each task at its end, as in a run."""
     method, dm = loop.method, loop.datamodule
     for task in range(tasks):
         dm.set_task(task, method.train_scope)
@@ -44,12 +47,30 @@ def grow(loop: Any, tasks: int, router: Any) -> None:
             method.setup_stage(task, stage)
             method.end_stage(task, stage)
         method.end_task(task)
-        router.on_task_end(hook_target(loop), task)
+        for router in routers:
+            router.on_task_end(hook_target(loop), task)
     method.eval()
 
 
+def shallow_router(loop: Any) -> Any:
+    """The ``prototype_backbone_shallow`` preset's router, started on the loop's method (the default router is
+    attached again: the method predicts with the run's own router)."""
+    from omegaconf import OmegaConf
+
+    from conpet_lightning.config import PROJECT_ROOT
+    from conpet_lightning.registry import CALLBACKS
+
+    preset = dict(OmegaConf.to_container(OmegaConf.load(PROJECT_ROOT / "callbacks" / f"{SHALLOW_PRESET}.yaml")))
+    router = CALLBACKS.get(preset["name"]).from_options(preset, "routing")
+    default = loop.method.router
+    router.on_run_start(hook_target(loop))
+    loop.method.attach_router(default)
+    return router
+
+
 def run(size: str = "small", threads: int = 1) -> list[dict[str, Any]]:
-    """Time the four sides; three ratio entries (routed, routed by the selector, routed with cache) over single."""
+    """Time the five sides; four ratio entries (routed by the default router, the selector, the shallow router, and with
+    the cache) over single."""
     from conpet_lightning.callbacks.routing import TopKRoutingCallback
     from conpet_lightning.contract import Router
 
@@ -57,7 +78,8 @@ def run(size: str = "small", threads: int = 1) -> list[dict[str, Any]]:
     with built_loop("dynamic_conpet", overrides) as loop:
         router = next(cb for cb in loop.callbacks if isinstance(cb, Router))
         selector = TopKRoutingCallback()  # ConPET's selector: ranks by the method's frozen selector, nothing to fit
-        grow(loop, EXPERTS, router)
+        shallow = shallow_router(loop)
+        grow(loop, EXPERTS, router, shallow)
         method, dm = loop.method, loop.datamodule
         batches = list(dm.test_dataloader())
         n = sum(len(b["keys"]) for b in batches)
@@ -89,6 +111,10 @@ def run(size: str = "small", threads: int = 1) -> list[dict[str, Any]]:
             method.expert_cache.clear()
             return routed_pass(selector)
 
+        def routed_shallow() -> float:
+            method.expert_cache.clear()
+            return routed_pass(shallow)
+
         def routed_cached() -> float:
             if not method.expert_cache:
                 routed_pass(router)  # fill the cache once (untimed), as an earlier test of the same samples does
@@ -96,7 +122,13 @@ def run(size: str = "small", threads: int = 1) -> list[dict[str, Any]]:
 
         routed_cached()  # warm-up (and cache fill) before timing
         single()
-        sides = {"single": single, "routed": routed, "routed_selector": routed_selector, "routed_cached": routed_cached}
+        sides = {
+            "single": single,
+            "routed": routed,
+            "routed_selector": routed_selector,
+            "routed_shallow": routed_shallow,
+            "routed_cached": routed_cached,
+        }
         times = interleaved(sides, REPEATS[size])
         experts_per_batch = [len(torch.unique(b["task_ids"])) for b in batches]
         adapters = len(method.encoder.adapters)
@@ -138,6 +170,16 @@ def run(size: str = "small", threads: int = 1) -> list[dict[str, Any]]:
             what=f"routed test samples/s with {EXPERTS} experts routed by ConPET's selector "
             "(callbacks.routing=selector, no cache) over a single adapter",
             conditions=conditions,
+            details=details,
+        ),
+        ratio_entry(
+            "routed_inference_shallow_router",
+            paired_ratio(times, "single", "routed_shallow"),
+            TARGET_ROUTED,
+            ">=",
+            what=f"routed test samples/s with {EXPERTS} experts routed by backbone prototypes from 2/3 of the layers "
+            f"(callbacks.routing={SHALLOW_PRESET}, no cache) over a single adapter",
+            conditions={**conditions, "router": SHALLOW_PRESET},
             details=details,
         ),
         ratio_entry(

@@ -22,6 +22,7 @@ ALL_RATIOS = {
     "peak_memory_last_over_task1",
     "routed_inference",
     "routed_inference_selector",
+    "routed_inference_shallow_router",
     "routed_inference_cached",
     "skip_frozen_expert_stage",
     "eval_padding",
@@ -131,7 +132,12 @@ def test_some_benchmarks_tiny(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert code == 0
     result = _only_result(tmp_path)
     names = {e["name"] for e in result["ratios"]}
-    routed = {"routed_inference", "routed_inference_selector", "routed_inference_cached"}
+    routed = {
+        "routed_inference",
+        "routed_inference_selector",
+        "routed_inference_shallow_router",
+        "routed_inference_cached",
+    }
     assert names == {"eval_padding", *routed, "skip_frozen_expert_stage"}
     for entry in result["ratios"]:
         _check_entry(entry)

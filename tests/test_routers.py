@@ -13,6 +13,7 @@ from conpet_lightning.callbacks.routing import TopKRoutingCallback
 from conpet_lightning.config import ConfigError, load_config
 from conpet_lightning.evaluate import eval_config
 from conpet_lightning.loop import TaskLoop
+from conpet_lightning.routing.scores import mahalanobis_task_scores
 from conpet_lightning.run_folder import RunFolder
 from tests.helpers import tiny_config, tiny_loop
 
@@ -31,6 +32,7 @@ ROUTERS = {
         "callbacks.routing.layers=1",
         "callbacks.routing.pooling=mean",
     ],
+    "prototype_backbone_shallow": ["callbacks.routing=prototype_backbone_shallow"],
     "energy": ["callbacks.routing=energy"],
     "max_logit": ["callbacks.routing=energy", "callbacks.routing.kind=max_logit"],
     "rerank": ["callbacks.routing=rerank"],
@@ -151,9 +153,29 @@ def test_backbone_features_of_the_first_layers_are_those_layers_hidden_states(tr
     assert router.router_passes(NUM_TASKS) == pytest.approx(1 / total)
 
 
+def test_depth_is_a_share_of_the_backbone_layers(trained, tmp_path):
+    loop = rebuilt(trained, ["callbacks.routing=prototype_backbone_shallow"], tmp_path)
+    router, method = router_of(loop), loop.method
+    total = method.backbone_layers()
+    layers = max(1, round(router.options.depth * total))
+    assert router.prototypes.layers == layers
+    assert router.router_passes(NUM_TASKS) == pytest.approx(layers / total)
+    assert [router.layers_for(n) for n in (6, 30, 1)] == [4, 20, 1]  # MiniLM, SmolLM2, a one-layer backbone
+    batch = next(iter(loop.datamodule.test_dataloader()))
+    stats = router.prototypes.shared.finalize()
+    expected = mahalanobis_task_scores(
+        method.backbone_features(batch, layers, "mean"), stats, router.class_to_task, "mahalanobis", "max"
+    )
+    assert torch.equal(router.scores(method, batch), expected)
+
+
 def test_backbone_layer_options_are_checked(trained, tmp_path):
     with pytest.raises(ConfigError, match="features=backbone only"):
         load_config("dynamic_conpet", ["callbacks.routing=prototype", "callbacks.routing.layers=2"])
+    with pytest.raises(ConfigError, match="not both"):
+        load_config("dynamic_conpet", ["callbacks.routing=prototype_backbone_shallow", "callbacks.routing.layers=2"])
+    with pytest.raises(ConfigError, match="depth must be in"):
+        load_config("dynamic_conpet", ["callbacks.routing=prototype_backbone", "callbacks.routing.depth=1.5"])
     loop = rebuilt(trained, ["callbacks.routing=prototype_backbone"], tmp_path)
     router = PrototypeRoutingCallback(PrototypeRoutingCallback.options_cls(features="backbone", layers=99))
     with pytest.raises(ConfigError, match="callbacks.routing.layers=99"):

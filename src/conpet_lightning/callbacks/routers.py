@@ -291,6 +291,9 @@ class PrototypeRoutingOptions:
     layers: int | None = None
     """features=backbone: features from the backbone's first ``layers`` transformer layers only (the rest is not
     computed, so routing costs that fraction of a pass); None: all layers."""
+    depth: float | None = None
+    """features=backbone: ``layers`` as a share of the backbone's layers (0 < depth <= 1, rounded to the nearest
+    whole layer, at least one), so one preset means the same router on every backbone; not together with layers."""
     pooling: str = "mask"
     """features=backbone: the hidden state at the mask token (mask) or the mean over the real tokens (mean)."""
 
@@ -299,8 +302,13 @@ class PrototypeRoutingOptions:
         require_choice("pooling", self.pooling, POOLING)
         if self.layers is not None:
             require_range("layers", self.layers, low=1)
-        if (self.layers is not None or self.pooling != "mask") and self.features != "backbone":
-            raise ConfigError("layers and pooling apply to features=backbone only")
+        if self.depth is not None and not 0 < self.depth <= 1:
+            raise ConfigError(f"depth must be in (0, 1], got {self.depth}")
+        if self.depth is not None and self.layers is not None:
+            raise ConfigError("set layers or depth, not both")
+        shallow = self.layers is not None or self.depth is not None
+        if (shallow or self.pooling != "mask") and self.features != "backbone":
+            raise ConfigError("layers, depth and pooling apply to features=backbone only")
         require_choice("metric", self.metric, METRICS)
         require_choice("reduce", self.reduce, REDUCE)
         require_choice("shrinkage", self.shrinkage, SHRINKAGE)
@@ -326,12 +334,21 @@ class PrototypeRoutingCallback(RouterCallback):
         self.pass_share = 1.0
 
     def on_run_start(self, ctx: RunContext) -> None:
-        """Become the router; ``layers`` must fit the backbone."""
+        """Become the router; ``layers`` must fit the backbone, ``depth`` becomes a layer count."""
         super().on_run_start(ctx)
         total = ctx.method.backbone_layers()
-        if self.options.layers is not None and self.options.layers > total:
-            raise ConfigError(f"callbacks.routing.layers={self.options.layers}: the backbone has {total} layers")
-        self.pass_share = 1.0 if self.options.layers is None else self.options.layers / total
+        layers = self.layers_for(total)
+        if layers is not None and layers > total:
+            raise ConfigError(f"callbacks.routing.layers={layers}: the backbone has {total} layers")
+        self.prototypes.layers = layers
+        self.pass_share = 1.0 if layers is None else layers / total
+
+    def layers_for(self, total: int) -> int | None:
+        """Backbone layers the features come from for a backbone of ``total`` layers (None: all of them)."""
+        depth = self.options.depth
+        if depth is None:
+            return self.options.layers
+        return max(1, round(depth * total))
 
     def fit_task(self, ctx: RunContext, task: int) -> None:
         """Statistics of the task's training features."""
@@ -346,7 +363,7 @@ class PrototypeRoutingCallback(RouterCallback):
             return per_expert_mahalanobis_scores(feats, stats, loglik=o.loglik)
         assert p.shared is not None
         if p.features == "backbone":
-            f = method.backbone_features(batch, o.layers, o.pooling)
+            f = method.backbone_features(batch, p.layers, o.pooling)
         else:
             f = method.selector_features(batch)
         return mahalanobis_task_scores(f, p.shared.finalize(), self.class_to_task, o.metric, o.reduce)
