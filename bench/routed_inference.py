@@ -1,16 +1,16 @@
 """Routed test throughput: Dynamic ConPET with 10 experts against a single adapter, with and without the expert cache.
 
 One ``dynamic_conpet`` model is grown to 10 tasks (10 LoRA experts, their heads, the selector; untrained: the cost of
-a forward pass does not depend on the weights); its router (the default, backbone prototypes) fits each task's
-statistics at the task's end as in a run. The test set of all 10 tasks is served by the datamodule's test loader
-(length-ordered batches), and five sides are timed interleaved over the same batches:
+a forward pass does not depend on the weights); its router (the default, backbone prototypes from 2/3 of the layers)
+fits each task's statistics at the task's end as in a run. The test set of all 10 tasks is served by the datamodule's
+test loader (length-ordered batches), and five sides are timed interleaved over the same batches:
 
 - ``single``: one adapter and an all-class head (what a shared-LoRA method such as ``naive`` runs at test time);
 - ``routed``: the real routed path with empty caches: the run's router (``contract.Router.route``, a backbone
   pass and the class statistics for the default), then ``predict_from_route`` (one grouped forward per routed expert);
 - ``routed_selector``: the same with ConPET's selector as the router (a selector pass instead of the backbone pass);
-- ``routed_shallow``: the same routed by backbone prototypes from the first 2/3 of the layers (the
-  ``prototype_backbone_shallow`` preset: 2/3 of a pass instead of one);
+- ``routed_full``: the same routed by backbone prototypes from all layers (the ``prototype_backbone`` preset, the
+  default before the 2/3-depth router: one backbone pass instead of 2/3 of one);
 - ``routed_cached``: the default router with the frozen experts' head outputs already in the method's expert cache
   (keyed by expert and sample key; filled by an earlier test of the same samples), so only the router runs.
 
@@ -30,7 +30,7 @@ from bench.common import built_loop, hook_target, interleaved, median, paired_ra
 
 TARGET_ROUTED = 0.5
 TARGET_CACHED = 0.9
-SHALLOW_PRESET = "prototype_backbone_shallow"
+FULL_PRESET = "prototype_backbone"
 EXPERTS = 10
 REPEATS = {"small": 3, "tiny": 3}
 CAPS: dict[str, list[str]] = {"small": [], "tiny": []}
@@ -52,15 +52,15 @@ def grow(loop: Any, tasks: int, *routers: Any) -> None:
     method.eval()
 
 
-def shallow_router(loop: Any) -> Any:
-    """The ``prototype_backbone_shallow`` preset's router, started on the loop's method (the default router is
-    attached again: the method predicts with the run's own router)."""
+def preset_router(loop: Any, name: str) -> Any:
+    """A routing preset's router, started on the loop's method (the run's own router is attached again: the method
+    predicts with it)."""
     from omegaconf import OmegaConf
 
     from conpet_lightning.config import PROJECT_ROOT
     from conpet_lightning.registry import CALLBACKS
 
-    preset = dict(OmegaConf.to_container(OmegaConf.load(PROJECT_ROOT / "callbacks" / f"{SHALLOW_PRESET}.yaml")))
+    preset = dict(OmegaConf.to_container(OmegaConf.load(PROJECT_ROOT / "callbacks" / f"{name}.yaml")))
     router = CALLBACKS.get(preset["name"]).from_options(preset, "routing")
     default = loop.method.router
     router.on_run_start(hook_target(loop))
@@ -69,8 +69,8 @@ def shallow_router(loop: Any) -> Any:
 
 
 def run(size: str = "small", threads: int = 1) -> list[dict[str, Any]]:
-    """Time the five sides; four ratio entries (routed by the default router, the selector, the shallow router, and with
-    the cache) over single."""
+    """Time the five sides; four ratio entries over single: routed by the default router, by the selector, by the
+    full-depth router, and with the cache."""
     from conpet_lightning.callbacks.routing import TopKRoutingCallback
     from conpet_lightning.contract import Router
 
@@ -78,8 +78,8 @@ def run(size: str = "small", threads: int = 1) -> list[dict[str, Any]]:
     with built_loop("dynamic_conpet", overrides) as loop:
         router = next(cb for cb in loop.callbacks if isinstance(cb, Router))
         selector = TopKRoutingCallback()  # ConPET's selector: ranks by the method's frozen selector, nothing to fit
-        shallow = shallow_router(loop)
-        grow(loop, EXPERTS, router, shallow)
+        full = preset_router(loop, FULL_PRESET)
+        grow(loop, EXPERTS, router, full)
         method, dm = loop.method, loop.datamodule
         batches = list(dm.test_dataloader())
         n = sum(len(b["keys"]) for b in batches)
@@ -111,9 +111,9 @@ def run(size: str = "small", threads: int = 1) -> list[dict[str, Any]]:
             method.expert_cache.clear()
             return routed_pass(selector)
 
-        def routed_shallow() -> float:
+        def routed_full() -> float:
             method.expert_cache.clear()
-            return routed_pass(shallow)
+            return routed_pass(full)
 
         def routed_cached() -> float:
             if not method.expert_cache:
@@ -126,7 +126,7 @@ def run(size: str = "small", threads: int = 1) -> list[dict[str, Any]]:
             "single": single,
             "routed": routed,
             "routed_selector": routed_selector,
-            "routed_shallow": routed_shallow,
+            "routed_full": routed_full,
             "routed_cached": routed_cached,
         }
         times = interleaved(sides, REPEATS[size])
@@ -173,13 +173,13 @@ def run(size: str = "small", threads: int = 1) -> list[dict[str, Any]]:
             details=details,
         ),
         ratio_entry(
-            "routed_inference_shallow_router",
-            paired_ratio(times, "single", "routed_shallow"),
+            "routed_inference_full_backbone",
+            paired_ratio(times, "single", "routed_full"),
             TARGET_ROUTED,
             ">=",
-            what=f"routed test samples/s with {EXPERTS} experts routed by backbone prototypes from 2/3 of the layers "
-            f"(callbacks.routing={SHALLOW_PRESET}, no cache) over a single adapter",
-            conditions={**conditions, "router": SHALLOW_PRESET},
+            what=f"routed test samples/s with {EXPERTS} experts routed by backbone prototypes from all layers "
+            f"(callbacks.routing={FULL_PRESET}, no cache) over a single adapter",
+            conditions={**conditions, "router": FULL_PRESET},
             details=details,
         ),
         ratio_entry(

@@ -22,7 +22,7 @@ ALL_RATIOS = {
     "peak_memory_last_over_task1",
     "routed_inference",
     "routed_inference_selector",
-    "routed_inference_shallow_router",
+    "routed_inference_full_backbone",
     "routed_inference_cached",
     "skip_frozen_expert_stage",
     "eval_padding",
@@ -135,7 +135,7 @@ def test_some_benchmarks_tiny(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     routed = {
         "routed_inference",
         "routed_inference_selector",
-        "routed_inference_shallow_router",
+        "routed_inference_full_backbone",
         "routed_inference_cached",
     }
     assert names == {"eval_padding", *routed, "skip_frozen_expert_stage"}
