@@ -52,16 +52,15 @@ def grow(loop: Any, tasks: int, *routers: Any) -> None:
     method.eval()
 
 
-def preset_router(loop: Any, name: str) -> Any:
-    """A routing preset's router, started on the loop's method (the run's own router is attached again: the method
-    predicts with it)."""
-    from omegaconf import OmegaConf
+def preset_router(loop: Any, overrides: list[str], name: str) -> Any:
+    """The router of ``callbacks.routing=<name>`` (the config's own preset expansion and checks), started on the
+    loop's method; the run's own router is attached again, since the method predicts with it."""
+    from conpet_lightning.config import load_config
+    from conpet_lightning.contract import Router
+    from conpet_lightning.loop import build_callbacks
 
-    from conpet_lightning.config import PROJECT_ROOT
-    from conpet_lightning.registry import CALLBACKS
-
-    preset = dict(OmegaConf.to_container(OmegaConf.load(PROJECT_ROOT / "callbacks" / f"{name}.yaml")))
-    router = CALLBACKS.get(preset["name"]).from_options(preset, "routing")
+    cfg = load_config("dynamic_conpet", [*overrides, f"callbacks.routing={name}"])
+    router = next(cb for cb in build_callbacks(cfg) if isinstance(cb, Router))
     default = loop.method.router
     router.on_run_start(hook_target(loop))
     loop.method.attach_router(default)
@@ -78,7 +77,7 @@ def run(size: str = "small", threads: int = 1) -> list[dict[str, Any]]:
     with built_loop("dynamic_conpet", overrides) as loop:
         router = next(cb for cb in loop.callbacks if isinstance(cb, Router))
         selector = TopKRoutingCallback()  # ConPET's selector: ranks by the method's frozen selector, nothing to fit
-        full = preset_router(loop, FULL_PRESET)
+        full = preset_router(loop, overrides, FULL_PRESET)
         grow(loop, EXPERTS, router, full)
         method, dm = loop.method, loop.datamodule
         batches = list(dm.test_dataloader())

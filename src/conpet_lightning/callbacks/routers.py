@@ -230,9 +230,10 @@ def validation_temperature(ctx: RunContext, task: int) -> float:
 class Prototypes:
     """Prototype statistics in one space (backbone, selector) or per expert, fitted from training data only."""
 
-    def __init__(self, features: str, shrinkage: str, layers: int | None = None, pooling: str = "mask") -> None:
+    def __init__(self, features: str, shrinkage: str, pooling: str = "mask") -> None:
         self.features = features
-        self.layers = layers
+        self.layers: int | None = None
+        """Backbone layers the features come from (None: all); the router sets it once it knows the backbone."""
         self.pooling = pooling
         self.shared: ClassStatistics | None = None
         self.per_task = TaskStatistics(shrinkage=shrinkage)
@@ -330,7 +331,7 @@ class PrototypeRoutingCallback(RouterCallback):
     def __init__(self, options: PrototypeRoutingOptions | None = None) -> None:
         super().__init__(options or PrototypeRoutingOptions())
         o = self.options
-        self.prototypes = Prototypes(o.features, o.shrinkage, o.layers, o.pooling)
+        self.prototypes = Prototypes(o.features, o.shrinkage, o.pooling)
         self.pass_share = 1.0
 
     def on_run_start(self, ctx: RunContext) -> None:
